@@ -1,0 +1,139 @@
+"""The public entry point: :func:`fit`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparkml_dist.config import JobConfig, load_config
+from sparkml_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` returns."""
+
+    run_id: str
+    """The job's MLflow run."""
+    model_uri: str | None
+    """URI of the logged model (``mlflow.pyfunc.load_model`` can load it), if one was logged."""
+    metrics: dict[str, float]
+    """Final metrics reported by rank 0 (train loss, validation loss/accuracy or RMSE...)."""
+    attempts: int
+    """Launch attempts this call made (1 when nothing failed)."""
+    tracking_uri: str
+    """Where the run lives."""
+    experiment_id: str
+
+
+def _resolve_config(config: JobConfig | str | Path | None, overrides: dict[str, Any]) -> JobConfig:
+    if config is None:
+        cfg = JobConfig()
+    elif isinstance(config, JobConfig):
+        cfg = config
+    elif isinstance(config, (str, Path)):
+        cfg = load_config(config)
+    else:
+        raise ConfigError(f"config must be a JobConfig or a YAML path; got {type(config).__name__}.")
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark: Any = None,
+        resume_run_id: str | None = None, **overrides: Any) -> FitResult:
+    """Train ``config.model`` on ``data`` across ``training.num_workers`` Spark barrier tasks.
+
+    Args:
+        data: a Spark DataFrame (classic or Spark Connect), a table name or a file path; None
+            reads ``config.data.source``.
+        config: a :class:`JobConfig`, a YAML path, or None for defaults.
+        spark: the SparkSession (default: the DataFrame's, or the active one).
+        resume_run_id: continue this MLflow run from its latest checkpoint (a job whose driver
+            died).
+        **overrides: dotted config overrides, e.g. ``**{"training.epochs": 3}``.
+
+    Returns:
+        A :class:`FitResult` with the run id, model URI and final metrics.
+    """
+    from pyspark.sql import DataFrame, SparkSession
+
+    from sparkml_dist.spark.launch import run_attempts
+    from sparkml_dist.spark.preflight import check_cluster
+    from sparkml_dist.spark.prepare import prepare, read_source
+    from sparkml_dist.tracking.progress import ProgressReporter
+    from sparkml_dist.tracking.run import JobRun
+
+    cfg = _resolve_config(config, overrides)
+    if cfg.tracking.log_model and not cfg.checkpoint.enabled:
+        raise ConfigError("tracking.log_model=true needs checkpoint.enabled=true (the model is "
+                          "logged from the final checkpoint).")
+    if isinstance(data, DataFrame):
+        df = data
+        spark = spark or df.sparkSession
+    else:
+        spark = spark or SparkSession.getActiveSession()
+        if spark is None:
+            raise ConfigError("no active SparkSession: create one or pass spark=...")
+        if isinstance(data, str):
+            cfg = cfg.replace(**{"data.source": data})
+        df = read_source(spark, cfg.data)
+    tc = cfg.training
+    check_cluster(spark, tc.num_workers, cfg.backend)
+    prepared = prepare(spark, df, cfg.data, tc.num_workers, tc.seed)
+    run = JobRun(cfg, resume_run_id)
+    first_attempt = run.attempts_so_far
+    try:
+        app_id = spark.conf.get("spark.app.id")
+    except Exception:  # noqa: BLE001 - not exposed on every Connect server
+        app_id = "unknown"
+    run.set_tags({"sparkml_dist.backend": cfg.backend.name, "sparkml_dist.world_size": tc.num_workers,
+                  "sparkml_dist.device": cfg.backend.device, "spark.app_id": app_id})
+    run.log_params({"data.rows_train": sum(prepared.train_shard_sizes),
+                    "data.rows_val": sum(prepared.val_shard_sizes),
+                    "data.rows_dropped": prepared.dropped_rows,
+                    "data.in_features": prepared.in_features,
+                    "data.classes": list(prepared.classes)[:200]})
+    try:
+        with ProgressReporter(run.client, run.run_id, cfg.tracking.progress_interval_s,
+                              cfg.tracking.progress):
+            results = run_attempts(prepared, cfg, run)
+        model_uri = None
+        if cfg.tracking.log_model:
+            model_uri = _log_final_model(cfg, prepared, run)
+        run.log_training_curves()
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish()
+    metrics = results[0]["metrics"]
+    log.info("run %s finished: %s", run.run_id, metrics)
+    return FitResult(run_id=run.run_id, model_uri=model_uri, metrics=metrics,
+                     attempts=results[0]["attempt"] - first_attempt + 1,
+                     tracking_uri=run.tracking_uri, experiment_id=run.experiment_id)
+
+
+def final_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
+    """The model ``state_dict`` of a run's latest complete checkpoint."""
+    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
+
+    loaded = MlflowCheckpointStore(tracking_uri, run_id).load_latest()
+    if loaded is None:
+        raise ConfigError(f"run {run_id} has no complete checkpoint.")
+    return loaded[0]["model"]
+
+
+def _log_final_model(cfg: JobConfig, prepared: Any, run: Any) -> str:
+    from sparkml_dist.data.shard_store import FEATURES
+    from sparkml_dist.models import build_model
+
+    model = build_model(cfg.model.factory, prepared.in_features, prepared.num_outputs,
+                        cfg.model.kwargs)
+    model.load_state_dict(final_state(run.run_id, run.tracking_uri))
+    rows = prepared.frame.select(FEATURES).limit(5).collect()
+    example = np.asarray([r[0] for r in rows], dtype=np.float32)
+    return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name)

@@ -1,0 +1,1 @@
+"""Spark layer: data preparation, pre-flight checks, barrier launch and rendezvous."""

@@ -1,0 +1,128 @@
+"""What runs inside one barrier task: one rank, from rendezvous to its last step.
+
+Module-level functions and a frozen spec only, so the closure Spark pickles stays small.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from sparkml_dist.config import JobConfig
+from sparkml_dist.errors import USER_ERROR_MARKER, UserCodeError
+from sparkml_dist.training.loop import RankPlan
+
+RESULT_SCHEMA = "rank int, attempt int, steps_done long, resumed_from long, metrics string"
+FAILURE_HEADER = "sparkml_dist rank {rank} attempt {attempt} failed"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a rank receives from the driver."""
+
+    config: JobConfig
+    plan: RankPlan
+    run_id: str
+    tracking_uri: str
+
+
+class _LogTail(logging.Handler):
+    """Keeps the last lines this rank logged, for the driver's error message."""
+
+    def __init__(self, size: int = 40) -> None:
+        super().__init__(logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=size)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def _setup_logging() -> _LogTail:
+    root = logging.getLogger()
+    if not any(getattr(h, "_sparkml_dist", False) for h in root.handlers):
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        stderr._sparkml_dist = True  # type: ignore[attr-defined]
+        root.addHandler(stderr)
+    logging.getLogger("sparkml_dist").setLevel(logging.INFO)
+    tail = _LogTail()
+    root.addHandler(tail)
+    return tail
+
+
+def _device(ctx, cfg: JobConfig):
+    import torch
+
+    if cfg.backend.device == "cpu":
+        return torch.device("cpu")
+    gpus = ctx.resources().get("gpu")
+    if gpus is None or not gpus.addresses:
+        raise RuntimeError("backend.device=cuda but Spark assigned no GPU to this task; set "
+                           "spark.task.resource.gpu.amount=1 and executor GPU resources.")
+    index = int(gpus.addresses[0])
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
+    from sparkml_dist.comm.factory import create_communicator
+    from sparkml_dist.data.shard_store import ShardBuilder
+    from sparkml_dist.spark.rendezvous import barrier_rendezvous
+    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore, MlflowSink
+    from sparkml_dist.training.loop import NullSink, train_rank
+
+    cfg = spec.config
+    endpoint, store = barrier_rendezvous(ctx, spec.plan.attempt, cfg.backend.rendezvous_timeout_s,
+                                         cfg.backend.timeout_s)
+    builder = ShardBuilder(spec.plan.in_features, int(cfg.data.shard_memory_mb * 2**20),
+                           cfg.data.spill_dir,
+                           pa.int64() if cfg.data.task == "classification" else pa.float32())
+    builder.expected_shard = endpoint.rank
+    train, val = builder.extend(batches).finish()
+    logging.getLogger(__name__).info("rank %d holds %d train and %d validation rows (%.1f MiB%s)",
+                                     endpoint.rank, len(train), len(val),
+                                     (train.arrow_nbytes + val.arrow_nbytes) / 2**20,
+                                     ", spilled" if train.spilled_path else "")
+    device = _device(ctx, cfg)
+    comm = create_communicator(cfg.backend, endpoint, store, device)
+    try:
+        ckpt = (MlflowCheckpointStore(spec.tracking_uri, spec.run_id, cfg.checkpoint.keep_last)
+                if cfg.checkpoint.enabled else None)
+        sink = MlflowSink(spec.tracking_uri, spec.run_id) if endpoint.rank == 0 else NullSink()
+        result = train_rank(cfg, spec.plan, comm, train, val, device, sink, ckpt)
+    finally:
+        comm.close()
+    return {"rank": endpoint.rank, "attempt": spec.plan.attempt, "steps_done": result.steps_done,
+            "resumed_from": result.resumed_from, "metrics": json.dumps(result.metrics)}
+
+
+def run_barrier_task(spec: TaskSpec, batches: Iterator[pa.RecordBatch]
+                     ) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: train one rank; on failure raise an error the driver can parse."""
+    from pyspark import BarrierTaskContext
+
+    ctx = BarrierTaskContext.get()
+    tail = _setup_logging()
+    rank = ctx.partitionId()
+    try:
+        row = _run_rank(ctx, spec, batches)
+    except BaseException as exc:
+        user = isinstance(exc, UserCodeError) or USER_ERROR_MARKER in str(exc)
+        header = FAILURE_HEADER.format(rank=rank, attempt=spec.plan.attempt)
+        text = (f"{USER_ERROR_MARKER + ' ' if user else ''}{header}: {type(exc).__name__}: {exc}\n"
+                f"--- traceback ---\n{traceback.format_exc(limit=8)}"
+                f"--- last log lines of rank {rank} ---\n" + "\n".join(tail.lines))
+        raise RuntimeError(text) from None
+    finally:
+        logging.getLogger().removeHandler(tail)
+    yield pa.RecordBatch.from_pylist([row], schema=pa.schema([
+        ("rank", pa.int32()), ("attempt", pa.int32()), ("steps_done", pa.int64()),
+        ("resumed_from", pa.int64()), ("metrics", pa.string())]))

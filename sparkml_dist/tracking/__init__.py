@@ -1,0 +1,1 @@
+"""Tracking: the MLflow run, metrics, checkpoints as artifacts, plots and driver progress."""

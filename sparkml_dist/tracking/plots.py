@@ -1,0 +1,24 @@
+"""Training curves as a PNG (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def training_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """One panel per metric, x = optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
+    for ax, (name, points) in zip(axes[0], series.items()):
+        steps, values = zip(*sorted(points))
+        ax.plot(steps, values, marker="o" if len(steps) < 40 else None, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

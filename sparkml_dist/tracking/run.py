@@ -1,0 +1,124 @@
+"""The job's one MLflow run, as the driver sees it: create or resume, params, tags, failures,
+the final model and the training-curve plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from sparkml_dist.config import JobConfig
+from sparkml_dist.tracking.mlflow_store import default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS_TAG = "sparkml_dist.attempts"
+
+
+class JobRun:
+    """Handle on the run of one job; created once on the driver, its id sent to every rank."""
+
+    def __init__(self, cfg: JobConfig, resume_run_id: str | None = None) -> None:
+        self.tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
+        self.client = MlflowClient(self.tracking_uri)
+        if resume_run_id:
+            run = self.client.get_run(resume_run_id)  # raises a clear MlflowException if unknown
+            self.run_id = run.info.run_id
+            self.attempts_so_far = int(run.data.tags.get(ATTEMPTS_TAG, "0"))
+            self.client.set_terminated(self.run_id, "RUNNING")
+            log.info("resuming MLflow run %s after %d earlier attempts", self.run_id,
+                     self.attempts_so_far)
+        else:
+            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+            if exp is None:
+                location = None
+                if self.tracking_uri.startswith("sqlite:///"):
+                    db = Path(self.tracking_uri[len("sqlite:///"):])
+                    location = (db.parent / "mlruns").resolve().as_uri()
+                exp_id = self.client.create_experiment(cfg.tracking.experiment, location)
+            else:
+                exp_id = exp.experiment_id
+            run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name)
+            self.run_id = run.info.run_id
+            self.attempts_so_far = 0
+            self._log_config(cfg)
+        self.experiment_id = run.info.experiment_id
+
+    def _log_config(self, cfg: JobConfig) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat().items())]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        from sparkml_dist.config import to_dict
+
+        self.client.log_dict(self.run_id, to_dict(cfg), "config/resolved.json")
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        for k, v in params.items():
+            if k not in existing:
+                self.client.log_param(self.run_id, k, str(v))
+
+    def record_attempt(self, attempt: int) -> None:
+        self.client.set_tag(self.run_id, ATTEMPTS_TAG, str(attempt + 1))
+
+    def log_failure(self, attempt: int, failure: dict[str, Any]) -> None:
+        """Record a failed attempt: tag, metric and a JSON artifact with the log tail."""
+        self.client.set_tag(self.run_id, f"sparkml_dist.failure.{attempt}",
+                            f"rank {failure.get('rank')}: {failure.get('error', '')[:400]}")
+        self.client.log_metric(self.run_id, "fault/failed_attempts", attempt + 1, step=attempt)
+        self.client.log_dict(self.run_id, failure, f"failures/attempt-{attempt}.json")
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def log_training_curves(self) -> None:
+        """Loss and validation metric per step as ``plots/training_curves.png``."""
+        from sparkml_dist.tracking.plots import training_curves
+
+        series = {k: self.metric_history(k)
+                  for k in ("train/loss", "val/loss", "val/accuracy", "val/rmse")}
+        series = {k: v for k, v in series.items() if v}
+        if not series:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, "training_curves.png")
+            training_curves(series, path)
+            self.client.log_artifact(self.run_id, str(path), "plots")
+
+    def log_model(self, model: Any, example: Any, classes: tuple[Any, ...],
+                  registered_model_name: str | None) -> str:
+        """Log the final model with a signature and input example; return its model URI."""
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.as_tensor(example)).numpy()
+        signature = infer_signature(example, out)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=signature, input_example=example,
+                registered_model_name=registered_model_name,
+                metadata={"classes": json.dumps([_plain(c) for c in classes])})
+        self.client.set_terminated(self.run_id, "RUNNING")  # start_run's exit ended it
+        return info.model_uri
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,1 @@
+"""Training: the per-rank loop, checkpoint state and optimizer/schedule construction."""
