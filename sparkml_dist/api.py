@@ -30,6 +30,8 @@ class FitResult:
     tracking_uri: str
     """Where the run lives."""
     experiment_id: str
+    ranks: tuple[dict[str, Any], ...] = ()
+    """Per-rank reports: rank, attempt, steps_done, resumed_from, metrics, executor."""
 
 
 def _resolve_config(config: JobConfig | str | Path | None, overrides: dict[str, Any]) -> JobConfig:
@@ -101,7 +103,8 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     try:
         with ProgressReporter(run.client, run.run_id, cfg.tracking.progress_interval_s,
                               cfg.tracking.progress):
-            results = run_attempts(prepared, cfg, run)
+            results = run_attempts(
+                prepared, cfg, run, lambda: check_cluster(spark, tc.num_workers, cfg.backend, 60.0))
         model_uri = None
         if cfg.tracking.log_model:
             model_uri = _log_final_model(cfg, prepared, run)
@@ -114,7 +117,8 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     log.info("run %s finished: %s", run.run_id, metrics)
     return FitResult(run_id=run.run_id, model_uri=model_uri, metrics=metrics,
                      attempts=results[0]["attempt"] - first_attempt + 1,
-                     tracking_uri=run.tracking_uri, experiment_id=run.experiment_id)
+                     tracking_uri=run.tracking_uri, experiment_id=run.experiment_id,
+                     ranks=tuple(results))
 
 
 def final_state(run_id: str, tracking_uri: str) -> dict[str, Any]:

@@ -381,6 +381,12 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML config (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    return load_dataclass(JobConfig, path, overrides)
+
+
+def load_dataclass(cls: type, path: str | Path | None = None,
+                   overrides: list[str] | None = None) -> Any:
+    """Build the config dataclass ``cls`` strictly from a YAML file plus ``--set`` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -388,6 +394,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} not found; pass a YAML file such as conf/digits.yaml.")
         loaded = yaml.safe_load(p.read_text())
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections; got {type(loaded).__name__}.")
+            raise ConfigError(f"{p}: top level must be a mapping; got {type(loaded).__name__}.")
         values = loaded or {}
-    return from_dict(apply_overrides(values, parse_set(overrides or [])))
+    return _build(cls, apply_overrides(values, parse_set(overrides or [])), "")

@@ -28,3 +28,10 @@ def write_digits_parquet(path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(digits_table(), path)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = write_digits_parquet(sys.argv[1] if len(sys.argv) > 1 else "data/digits.parquet")
+    print(f"wrote {out}")

@@ -60,8 +60,12 @@ def require_horovod() -> None:
     try:
         import horovod.torch as hvd
     except ImportError as exc:
+        error = str(exc)
+    else:
+        error = None
+    if error is not None:  # failing outside `except` keeps the report short
         pytest.fail(
-            f"horovod.torch is not importable ({exc}); run scripts/build_horovod.sh "
+            f"horovod.torch is not importable ({error}); run scripts/build_horovod.sh "
             "to build and install Horovod 0.28.1 into this environment",
             pytrace=False,
         )

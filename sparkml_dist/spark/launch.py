@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import USER_ERROR_MARKER, TrainingFailed, UserCodeError
@@ -55,8 +55,13 @@ def describe_failure(exc: BaseException, attempt: int) -> dict[str, Any]:
             "user_error": USER_ERROR_MARKER in text or bool(import_error)}
 
 
-def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun) -> list[dict[str, Any]]:
-    """Launch the barrier stage until it succeeds or ``fault.max_restarts`` is used up."""
+def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
+                 before_relaunch: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Launch the barrier stage until it succeeds or ``fault.max_restarts`` is used up.
+
+    ``before_relaunch`` runs before every relaunch (the pre-flight check, which waits for a lost
+    executor's replacement to register).
+    """
     first = run.attempts_so_far
     last = first + cfg.fault.max_restarts
     for attempt in range(first, last + 1):
@@ -86,6 +91,8 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun) -> list[di
                     f"{cfg.fault.max_restarts}); last failure on rank {failure['rank']}:\n"
                     f"{failure['detail']}") from None
             time.sleep(cfg.fault.backoff_s)
+            if before_relaunch is not None:
+                before_relaunch()
             continue
         results = [r.asDict() for r in rows]
         for r in results:

@@ -149,11 +149,15 @@ def _number_rows(df: DataFrame, group: Column) -> tuple[DataFrame, dict[Any, int
 
     df = df.withColumn(_GROUP, group)
     counts = {r[_GROUP]: int(r["count"]) for r in df.groupBy(_GROUP).count().collect()}
+    if not counts:  # an empty subset (e.g. no validation rows)
+        return df.withColumn(_POS, F.lit(0)).withColumn(ROW, F.lit(0).cast("long")), counts
     offsets = group_offsets(counts)
     w = Window.partitionBy(_GROUP).orderBy(_HASH, FEATURES, LABEL)
     offset_map = F.create_map(*[x for k, v in offsets.items() for x in (F.lit(k), F.lit(v))])
+    # An empty subset (no validation rows) has no offsets; an empty map() is untyped (VOID).
+    start = offset_map[F.col(_GROUP)] if offsets else F.lit(0).cast("long")
     numbered = (df.withColumn(_POS, F.row_number().over(w) - 1)
-                .withColumn(ROW, offset_map[F.col(_GROUP)] + F.col(_POS)))
+                .withColumn(ROW, start + F.col(_POS)))
     return numbered, counts
 
 

@@ -19,7 +19,8 @@ from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import USER_ERROR_MARKER, UserCodeError
 from sparkml_dist.training.loop import RankPlan
 
-RESULT_SCHEMA = "rank int, attempt int, steps_done long, resumed_from long, metrics string"
+RESULT_SCHEMA = ("rank int, attempt int, steps_done long, resumed_from long, metrics string, "
+                 "executor string")
 FAILURE_HEADER = "sparkml_dist rank {rank} attempt {attempt} failed"
 
 
@@ -101,7 +102,15 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     finally:
         comm.close()
     return {"rank": endpoint.rank, "attempt": spec.plan.attempt, "steps_done": result.steps_done,
-            "resumed_from": result.resumed_from, "metrics": json.dumps(result.metrics)}
+            "resumed_from": result.resumed_from, "metrics": json.dumps(result.metrics),
+            "executor": _executor_id()}
+
+
+def _executor_id() -> str:
+    """Which executor ran this rank: its working directory and Python daemon's pid."""
+    import os
+
+    return f"{os.getcwd()}|{os.getppid()}"
 
 
 def run_barrier_task(spec: TaskSpec, batches: Iterator[pa.RecordBatch]
@@ -125,4 +134,4 @@ def run_barrier_task(spec: TaskSpec, batches: Iterator[pa.RecordBatch]
         logging.getLogger().removeHandler(tail)
     yield pa.RecordBatch.from_pylist([row], schema=pa.schema([
         ("rank", pa.int32()), ("attempt", pa.int32()), ("steps_done", pa.int64()),
-        ("resumed_from", pa.int64()), ("metrics", pa.string())]))
+        ("resumed_from", pa.int64()), ("metrics", pa.string()), ("executor", pa.string())]))

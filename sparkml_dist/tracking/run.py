@@ -115,6 +115,8 @@ class JobRun:
             info = mlflow.pytorch.log_model(
                 model, name="model", signature=signature, input_example=example,
                 registered_model_name=registered_model_name,
+                # Named here rather than inferred: inference imports the model in a subprocess.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
                 metadata={"classes": json.dumps([_plain(c) for c in classes])})
         self.client.set_terminated(self.run_id, "RUNNING")  # start_run's exit ended it
         return info.model_uri

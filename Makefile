@@ -1,0 +1,51 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   train 2 ranks on scikit-learn's digits with local Spark and an embedded MLflow store
+#   make test   the whole test suite (builds Horovod once into ~/.cache/sparkml_dist if missing)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PYSPARK_PYTHON := $(abspath $(BIN)/python)
+export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
+export SPARK_LOCAL_IP ?= 127.0.0.1
+
+.PHONY: venv demo test test-fast horovod ui bench lock clean
+
+venv: $(STAMP)
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, alone: 2.13.0 resolves to the local CPU wheel.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+data/digits.parquet: | $(STAMP)
+	$(BIN)/python -m sparkml_dist.datasets $@
+
+demo: $(STAMP) data/digits.parquet
+	$(BIN)/spark-submit --master "local[2]" --conf spark.ui.showConsoleProgress=false \
+	  jobs/train.py --config conf/digits.yaml $(ARGS)
+
+horovod: $(STAMP)
+	scripts/build_horovod.sh $(BIN)/python
+
+test: $(STAMP) horovod
+	$(BIN)/python -m pytest -ra -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -ra -q -m "not cluster and not horovod" $(PYTEST_ARGS)
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+bench: $(STAMP) horovod
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+lock: $(STAMP)
+	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' > requirements.lock.new && echo "review requirements.lock.new"
+
+clean:
+	rm -rf $(VENV) data mlflow.db mlruns spark-warehouse

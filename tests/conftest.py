@@ -1,0 +1,50 @@
+"""Shared fixtures: one Spark session per test module (JVM start is slow), a fresh MLflow store."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+def make_session(master: str = "local[2]", app: str = "sparkml_dist-tests", **conf: str):
+    """A classic SparkSession sized for the 2-core test machine."""
+    from pyspark.sql import SparkSession
+
+    builder = (SparkSession.builder.master(master).appName(app)
+               .config("spark.ui.enabled", "false")
+               .config("spark.sql.shuffle.partitions", "4")
+               .config("spark.default.parallelism", "4")
+               .config("spark.pyspark.python", sys.executable)
+               .config("spark.driver.memory", "2g"))
+    for k, v in conf.items():
+        builder = builder.config(k, v)
+    return builder.getOrCreate()
+
+
+@pytest.fixture(scope="module")
+def spark(request):
+    """Module-scoped session; a module may set ``SPARK_MASTER = "local[3]"``."""
+    master = getattr(request.module, "SPARK_MASTER", "local[2]")
+    session = make_session(master)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def digits_path(tmp_path_factory) -> Path:
+    from sparkml_dist.datasets import write_digits_parquet
+
+    return write_digits_parquet(tmp_path_factory.mktemp("data") / "digits.parquet")
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    """A fresh embedded MLflow store (SQLite + local artifacts) per test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,112 @@
+"""Driver-side preparation on real local Spark: split, shard bounds, bad data."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from sparkml_dist.config import DataConfig
+from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT
+from sparkml_dist.errors import DataError
+from sparkml_dist.spark.prepare import prepare
+
+N = 3  # workers
+
+
+@pytest.fixture(scope="module")
+def imbalanced(spark):
+    # 3 classes with 500 / 97 / 23 rows: strongly imbalanced and not divisible by 3 or 5.
+    rng = np.random.default_rng(1)
+    rows = []
+    for label, count in (("a", 500), ("b", 97), ("c", 23)):
+        for _ in range(count):
+            rows.append((float(rng.normal()), float(rng.normal()), label))
+    return spark.createDataFrame(rows, "x1 double, x2 double, y string")
+
+
+def _collect(prepared):
+    rows = prepared.frame.select(F.spark_partition_id().alias("p"), SHARD, SPLIT, LABEL, ROW).collect()
+    return rows
+
+
+def test_stratified_split_and_shards_meet_one_row_bounds(spark, imbalanced):
+    cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y", val_fraction=0.2)
+    prepared = prepare(spark, imbalanced, cfg, N, seed=5)
+    rows = _collect(prepared)
+    assert prepared.classes == ("a", "b", "c")
+    totals = Counter(r[LABEL] for r in rows)
+    val = Counter(r[LABEL] for r in rows if r[SPLIT] == 1)
+    for c, n in totals.items():
+        assert abs(val[c] - 0.2 * n) <= 1, (c, val[c], n)  # each class's share within one row
+    train = [r for r in rows if r[SPLIT] == 0]
+    sizes = Counter(r[SHARD] for r in train)
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+    assert tuple(sizes[r] for r in range(N)) == prepared.train_shard_sizes
+    train_per_class = Counter(r[LABEL] for r in train)
+    for c, n in train_per_class.items():
+        for shard in range(N):
+            got = sum(1 for r in train if r[LABEL] == c and r[SHARD] == shard)
+            assert abs(got - n / N) < 1, (c, shard, got, n / N)  # within one row of proportional
+    assert all(r["p"] == r[SHARD] for r in rows), "partition r must hold exactly shard r"
+    assert len({r[ROW] for r in train}) == len(train)
+
+
+def test_random_split_and_sharding_sizes(spark, imbalanced):
+    cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y", val_fraction=0.25,
+                     split="random", sharding="random", random_buckets=7)
+    prepared = prepare(spark, imbalanced, cfg, N, seed=5)
+    rows = _collect(prepared)
+    assert sum(r[SPLIT] for r in rows) == 155  # round(620 * 0.25)
+    sizes = Counter(r[SHARD] for r in rows if r[SPLIT] == 0)
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+    assert all(r["p"] == r[SHARD] for r in rows)
+
+
+def test_preparation_is_deterministic_across_recomputation(spark, imbalanced):
+    cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y")
+    a = prepare(spark, imbalanced, cfg, N, seed=9)
+    b = prepare(spark, imbalanced.repartition(5), cfg, N, seed=9)
+    key = lambda rows: sorted((r[FEATURES][0], r[SHARD], r[SPLIT], r[ROW]) for r in rows)  # noqa: E731
+    cols = [FEATURES, SHARD, SPLIT, ROW]
+    assert key(a.frame.select(*cols).collect()) == key(b.frame.select(*cols).collect())
+
+
+@pytest.fixture(scope="module")
+def small(spark):
+    return spark.createDataFrame(
+        [(1.0, 2.0, "s", [1.0, 2.0], 0), (2.0, None, "t", [3.0, float("nan")], 1),
+         (3.0, 4.0, "u", [5.0, 6.0], 0), (float("nan"), 1.0, "v", [7.0, 8.0], 1),
+         (5.0, 6.0, "w", [9.0, 1.0], None), (6.0, 7.0, "x", [2.0, 3.0], 1)],
+        "a double, b double, s string, arr array<double>, label int")
+
+
+@pytest.mark.parametrize("cfg_kwargs, message", [
+    ({"feature_cols": ("a", "zz")}, r"column 'zz' not found; columns are: a, b, s, arr, label"),
+    ({"feature_cols": ("a",), "label_col": "y"}, r"column 'y' not found.*Set data.label_col"),
+    ({"feature_cols": ("a", "s")}, r"feature column 's' has type string; features must be numeric"),
+    ({"features_col": "s"}, r"features_col 's' has type string; expected an array of numbers"),
+    ({"feature_cols": ("a", "b")}, r"3 of 6 rows have null or NaN values \(a: 1, b: 1, label: 1\)"
+                                   r".*data.on_invalid=drop"),
+    ({"features_col": "arr"}, r"2 of 6 rows have null or NaN values \(arr: 1, label: 1\)"),
+    ({}, r"no features configured"),
+])
+def test_bad_data_fails_before_training_with_a_clear_message(spark, small, cfg_kwargs, message):
+    with pytest.raises(DataError, match=message):
+        prepare(spark, small, DataConfig(**cfg_kwargs), 2, seed=0)
+
+
+def test_drop_invalid_rows_and_count_them(spark, small):
+    prepared = prepare(spark, small, DataConfig(feature_cols=("a", "b"), on_invalid="drop",
+                                                val_fraction=0.0, sharding="random"), 2, seed=0)
+    assert prepared.dropped_rows == 3 and sum(prepared.train_shard_sizes) == 3
+
+
+def test_empty_too_few_rows_and_single_class(spark, small):
+    with pytest.raises(DataError, match=r"the dataset is empty \(0 rows\)"):
+        prepare(spark, small.limit(0), DataConfig(feature_cols=("a",)), 2, seed=0)
+    ok = small.where("label is not null and not isnan(a) and b is not null")
+    with pytest.raises(DataError, match=r"2 training rows for training.num_workers=4"):
+        prepare(spark, ok, DataConfig(feature_cols=("a", "b"), val_fraction=0.34), 4, seed=0)
+    with pytest.raises(DataError, match="has a single class"):
+        prepare(spark, ok.where("label = 1"), DataConfig(feature_cols=("a",)), 1, seed=0)

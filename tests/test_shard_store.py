@@ -1,0 +1,48 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT, ShardBuilder
+
+
+def _batches(n=1000, width=8, batch=128, shard=0):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, width)).astype(np.float32)
+    y = rng.integers(0, 3, size=n)
+    split = (np.arange(n) % 5 == 0).astype(np.int8)
+    out = []
+    for s in range(0, n, batch):
+        sl = slice(s, s + batch)
+        out.append(pa.RecordBatch.from_arrays(
+            [pa.array(list(x[sl]), type=pa.list_(pa.float32())), pa.array(y[sl]),
+             pa.array(np.arange(n)[sl]), pa.array(np.full(len(y[sl]), shard, np.int32)),
+             pa.array(split[sl])],
+            names=[FEATURES, LABEL, ROW, SHARD, SPLIT]))
+    return x, y, split, out
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 4096])
+def test_shard_store_gathers_rows_in_memory_and_spilled(budget, tmp_path):
+    x, y, split, batches = _batches()
+    b = ShardBuilder(8, budget, str(tmp_path))
+    b.expected_shard = 0
+    train, val = b.extend(batches).finish()
+    assert (train.spilled_path is not None) == (budget == 4096)
+    if train.spilled_path:
+        assert list(tmp_path.glob("*.arrow")), "spilled shard must be an Arrow IPC file on disk"
+    tx, ty = x[split == 0], y[split == 0]
+    assert len(train) == len(tx) and len(val) == int(split.sum())
+    idx = np.array([5, 0, len(tx) - 1, 300, 5])
+    gx, gy = train.gather(idx)
+    np.testing.assert_array_equal(gx.numpy(), tx[idx])
+    np.testing.assert_array_equal(gy.numpy(), ty[idx])
+    np.testing.assert_array_equal(train.row_ids(), np.arange(1000)[split == 0])
+    assert sum(len(bx) for bx, _ in val.iter_batches(64)) == len(val)
+
+
+def test_rows_of_another_shard_are_rejected():
+    *_, batches = _batches(shard=1)
+    b = ShardBuilder(8, 1 << 30)
+    b.expected_shard = 0
+    with pytest.raises(AssertionError, match="rank 0 received rows of shard 1"):
+        b.extend(batches)
