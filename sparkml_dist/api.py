@@ -95,6 +95,10 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         app_id = "unknown"
     run.set_tags({"sparkml_dist.backend": cfg.backend.name, "sparkml_dist.world_size": tc.num_workers,
                   "sparkml_dist.device": cfg.backend.device, "spark.app_id": app_id})
+    if cfg.backend.name == "horovod":
+        from sparkml_dist.comm.horovod import run_tags as horovod_run_tags
+
+        run.set_tags(horovod_run_tags(cfg.backend))
     run.log_params({"data.rows_train": sum(prepared.train_shard_sizes),
                     "data.rows_val": sum(prepared.val_shard_sizes),
                     "data.rows_dropped": prepared.dropped_rows,

@@ -73,7 +73,8 @@ def check_cluster(spark: SparkSession, num_workers: int, backend: BackendConfig,
             log.warning("cannot count free task slots on this session; relying on Spark's own "
                         "barrier check for %d slots", num_workers)
             return
-        if slots >= num_workers or time.monotonic() >= deadline:
+        is_local = (_conf(spark, "spark.master", "") or "").startswith("local")
+        if slots >= num_workers or is_local or time.monotonic() >= deadline:
             break
         time.sleep(1.0)  # executors of a fresh cluster may still be registering
     if slots < num_workers:

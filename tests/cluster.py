@@ -1,0 +1,91 @@
+"""A Spark standalone cluster (one master, N workers) started on loopback for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyspark
+
+SPARK_HOME = Path(pyspark.__file__).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StandaloneCluster:
+    """Master and workers as child processes; ``stop()`` kills exactly those processes."""
+
+    def __init__(self, workdir: Path, workers: int = 2, cores: int = 1, memory: str = "1g") -> None:
+        self.workdir = workdir
+        self.port, self.ui_port = free_port(), free_port()
+        self.url = f"spark://127.0.0.1:{self.port}"
+        env = dict(os.environ, SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1",
+                   PYSPARK_PYTHON=sys.executable, SPARK_NO_DAEMONIZE="1")
+        spark_class = str(SPARK_HOME / "bin" / "spark-class")
+        self.procs: list[subprocess.Popen] = []
+        log = open(workdir / "master.log", "w")
+        self.procs.append(subprocess.Popen(
+            [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+             "--port", str(self.port), "--webui-port", str(self.ui_port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self._wait(lambda s: s.get("status") == "ALIVE", "master")
+        for i in range(workers):
+            wdir = workdir / f"worker{i}"
+            wdir.mkdir(exist_ok=True)
+            wlog = open(workdir / f"worker{i}.log", "w")
+            self.procs.append(subprocess.Popen(
+                [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+                 "--cores", str(cores), "--memory", memory, "--webui-port", "0",
+                 "--work-dir", str(wdir), self.url],
+                env=env, stdout=wlog, stderr=subprocess.STDOUT, start_new_session=True))
+        self._wait(lambda s: len([w for w in s.get("workers", []) if w["state"] == "ALIVE"])
+                   >= workers, f"{workers} workers")
+
+    def state(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/json/", timeout=5) as r:
+            return json.load(r)
+
+    def _wait(self, ready, what: str, timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if ready(self.state()):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"standalone cluster: {what} not up within {timeout_s}s; see "
+                           f"{self.workdir}/*.log")
+
+    def session(self, app: str = "sparkml_dist-cluster-tests"):
+        from tests.conftest import make_session
+
+        return make_session(self.url, app, **{
+            "spark.executor.cores": "1", "spark.cores.max": "2", "spark.executor.memory": "1g",
+            "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+            "spark.executorEnv.PYTHONPATH": str(ROOT),
+            "spark.executorEnv.SPARK_LOCAL_IP": "127.0.0.1",
+            "spark.driver.host": "127.0.0.1"})
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
