@@ -64,7 +64,8 @@ def test_lost_worker_mid_epoch_resumes_exactly(digits_df, tracking_uri, uninterr
     assert die_at - K <= resumed <= die_at, "no more than K steps may be redone"
     run = MlflowClient(tracking_uri).get_run(result.run_id)
     assert run.data.tags["sparkml_dist.attempts"] == "2"
-    assert "rank 1" in run.data.tags["sparkml_dist.failure.0"]
+    # Spark reports whichever rank failed first: rank 1's crash or rank 0's broken collective.
+    assert run.data.tags["sparkml_dist.failure.0"].startswith("worker_lost (reported by rank")
     assert run.data.metrics["fault/failed_attempts"] == 1
     assert_bitwise_equal(final_state(result.run_id, tracking_uri), uninterrupted)
 

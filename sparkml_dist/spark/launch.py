@@ -23,6 +23,10 @@ from sparkml_dist.training.loop import RankPlan
 
 log = logging.getLogger(__name__)
 
+# A rank died or its executor was lost; the rank Spark names may be a survivor whose collective
+# broke because its peer vanished.
+_LOST_PATTERN = (r"Python worker exited unexpectedly|Connection reset by peer|Connection closed by "
+                 r"peer|ExecutorLostFailure|Executor heartbeat timed out|Broken pipe")
 _RANK_PATTERNS = (r"sparkml_dist rank (\d+) attempt", r"ResultTask\(\d+, (\d+)\)",
                   r"Lost task (\d+)\.\d+ in stage")
 
@@ -50,9 +54,11 @@ def describe_failure(exc: BaseException, attempt: int) -> dict[str, Any]:
     if import_error:
         first = (f"{import_error.group(0)} while starting the task: install the package on every "
                  "executor or ship it with spark-submit --py-files")
-    return {"attempt": attempt, "rank": rank, "error": first[:2000],
-            "detail": detail[-8000:],
-            "user_error": USER_ERROR_MARKER in text or bool(import_error)}
+    user_error = USER_ERROR_MARKER in text or bool(import_error)
+    lost = re.search(_LOST_PATTERN, text)
+    kind = "user_error" if user_error else "worker_lost" if lost else "error"
+    return {"attempt": attempt, "rank": rank, "kind": kind, "error": first[:2000],
+            "detail": detail[-8000:], "user_error": user_error, "detected_at": time.time()}
 
 
 def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,

@@ -75,7 +75,8 @@ class JobRun:
     def log_failure(self, attempt: int, failure: dict[str, Any]) -> None:
         """Record a failed attempt: tag, metric and a JSON artifact with the log tail."""
         self.client.set_tag(self.run_id, f"sparkml_dist.failure.{attempt}",
-                            f"rank {failure.get('rank')}: {failure.get('error', '')[:400]}")
+                            f"{failure.get('kind', 'error')} (reported by rank "
+                            f"{failure.get('rank')}): {failure.get('error', '')[:400]}")
         self.client.log_metric(self.run_id, "fault/failed_attempts", attempt + 1, step=attempt)
         self.client.log_dict(self.run_id, failure, f"failures/attempt-{attempt}.json")
 
