@@ -110,3 +110,29 @@ def test_empty_too_few_rows_and_single_class(spark, small):
         prepare(spark, ok, DataConfig(feature_cols=("a", "b"), val_fraction=0.34), 4, seed=0)
     with pytest.raises(DataError, match="has a single class"):
         prepare(spark, ok.where("label = 1"), DataConfig(feature_cols=("a",)), 1, seed=0)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json", "orc", "table"])
+def test_sources_table_and_every_file_format(spark, tmp_path, fmt):
+    from sparkml_dist.spark.prepare import read_source
+
+    df = spark.createDataFrame([(float(i), float(i % 3), i % 2) for i in range(12)],
+                               "a double, b double, label int")
+    if fmt == "table":
+        df.write.mode("overwrite").saveAsTable("sparkml_dist_src")
+        source = "sparkml_dist_src"
+    else:
+        source = str(tmp_path / f"data.{fmt}")
+        writer = df.write.mode("overwrite")
+        (writer.option("header", "true") if fmt == "csv" else writer).format(fmt).save(source)
+    read = read_source(spark, DataConfig(source=source, feature_cols=("a", "b")))
+    prepared = prepare(spark, read, DataConfig(feature_cols=("a", "b"), val_fraction=0.25), 2, 0)
+    assert sum(prepared.train_shard_sizes) + sum(prepared.val_shard_sizes) == 12
+    assert prepared.in_features == 2 and prepared.classes == (0, 1)
+
+
+def test_unknown_source_format_is_explained(spark):
+    from sparkml_dist.spark.prepare import read_source
+
+    with pytest.raises(DataError, match="cannot tell the format.*set data.format"):
+        read_source(spark, DataConfig(source="/data/file.bin", feature_cols=("a",)))
