@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -q -m "not cluster and not horovod" $(PYTEST_ARGS)
 
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000 --workers 1
 
 bench: $(STAMP) horovod
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -54,7 +54,14 @@ def describe_failure(exc: BaseException, attempt: int) -> dict[str, Any]:
     if import_error:
         first = (f"{import_error.group(0)} while starting the task: install the package on every "
                  "executor or ship it with spark-submit --py-files")
-    user_error = USER_ERROR_MARKER in text or bool(import_error)
+    # Spark's own check that the cluster has enough slots for the barrier stage: a relaunch
+    # would wait just as long again.
+    no_slots = re.search(r"Barrier execution mode does not allow run a barrier stage that "
+                         r"requires more slots[^\n]*", text)
+    if no_slots:
+        first = (f"{no_slots.group(0)}: the cluster has fewer task slots than "
+                 "training.num_workers; lower it or add executors/cores")
+    user_error = USER_ERROR_MARKER in text or bool(import_error) or bool(no_slots)
     lost = re.search(_LOST_PATTERN, text)
     kind = "user_error" if user_error else "worker_lost" if lost else "error"
     return {"attempt": attempt, "rank": rank, "kind": kind, "error": first[:2000],

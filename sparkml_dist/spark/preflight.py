@@ -47,7 +47,18 @@ def available_slots(spark: SparkSession) -> int | None:
         profile = jsc.resourceProfileManager().defaultResourceProfile()
         return int(jsc.maxNumConcurrentTasks(profile))
     except Exception:  # noqa: BLE001 - Spark Connect: no JVM handle on the client
+        return configured_slots(spark, task_cpus)
+
+
+def configured_slots(spark: SparkSession, task_cpus: int) -> int | None:
+    """Slots of a fixed-size cluster from its settings (``spark.executor.instances`` x
+    ``spark.executor.cores`` // ``spark.task.cpus``), which a Spark Connect client can read; None
+    unless both are set."""
+    instances, cores = (_conf(spark, "spark.executor.instances"),
+                        _conf(spark, "spark.executor.cores"))
+    if not instances or not cores:
         return None
+    return int(instances) * (int(cores) // task_cpus)
 
 
 def check_cluster(spark: SparkSession, num_workers: int, backend: BackendConfig,
@@ -70,8 +81,11 @@ def check_cluster(spark: SparkSession, num_workers: int, backend: BackendConfig,
     while True:
         slots = available_slots(spark)
         if slots is None:
-            log.warning("cannot count free task slots on this session; relying on Spark's own "
-                        "barrier check for %d slots", num_workers)
+            log.warning("cannot count task slots on this session (Spark Connect to a cluster "
+                        "without spark.executor.instances/cores set); relying on Spark's own "
+                        "barrier check for %d slots, which retries for up to spark.scheduler."
+                        "barrier.maxConcurrentTasksCheck.maxFailures x .interval (10 min by "
+                        "default) before failing", num_workers)
             return
         is_local = (_conf(spark, "spark.master", "") or "").startswith("local")
         if slots >= num_workers or is_local or time.monotonic() >= deadline:

@@ -154,10 +154,8 @@ def _number_rows(df: DataFrame, group: Column) -> tuple[DataFrame, dict[Any, int
     offsets = group_offsets(counts)
     w = Window.partitionBy(_GROUP).orderBy(_HASH, FEATURES, LABEL)
     offset_map = F.create_map(*[x for k, v in offsets.items() for x in (F.lit(k), F.lit(v))])
-    # An empty subset (no validation rows) has no offsets; an empty map() is untyped (VOID).
-    start = offset_map[F.col(_GROUP)] if offsets else F.lit(0).cast("long")
     numbered = (df.withColumn(_POS, F.row_number().over(w) - 1)
-                .withColumn(ROW, start + F.col(_POS)))
+                .withColumn(ROW, offset_map[F.col(_GROUP)] + F.col(_POS)))
     return numbered, counts
 
 

@@ -50,7 +50,10 @@ class MlflowCheckpointStore:
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.keep_last = keep_last
-        self._repo = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri)
+        # The tracking URI must be passed on: an ``mlflow-artifacts:`` URI (a tracking server that
+        # serves artifacts) resolves against it, not against the process-global default.
+        self._repo = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri,
+                                             tracking_uri=tracking_uri)
 
     def _dirs(self) -> list[str]:
         names = [Path(f.path).name for f in self.client.list_artifacts(self.run_id, CHECKPOINT_DIR)

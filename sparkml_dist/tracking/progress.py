@@ -41,8 +41,9 @@ class ProgressReporter:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.interval_s + 5)
+        if self._thread is None:
+            return
+        self._thread.join(timeout=self.interval_s + 5)
         try:
             self.poll()
         except Exception:  # noqa: BLE001 - progress is best effort

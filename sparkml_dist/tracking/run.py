@@ -103,7 +103,6 @@ class JobRun:
     def log_model(self, model: Any, example: Any, classes: tuple[Any, ...],
                   registered_model_name: str | None) -> str:
         """Log the final model with a signature and input example; return its model URI."""
-        import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
@@ -111,7 +110,20 @@ class JobRun:
         with torch.no_grad():
             out = model(torch.as_tensor(example)).numpy()
         signature = infer_signature(example, out)
-        mlflow.set_tracking_uri(self.tracking_uri)
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.tracking_uri)  # log_model only takes the global URI
+        try:
+            info = self._log_model_in_run(model, signature, example, classes, registered_model_name)
+        finally:
+            mlflow.set_tracking_uri(previous)
+        self.client.set_terminated(self.run_id, "RUNNING")  # start_run's exit ended it
+        return info.model_uri
+
+    def _log_model_in_run(self, model: Any, signature: Any, example: Any,
+                          classes: tuple[Any, ...], registered_model_name: str | None) -> Any:
+        import mlflow.pytorch
+        import torch
+
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(
                 model, name="model", signature=signature, input_example=example,
@@ -119,8 +131,7 @@ class JobRun:
                 # Named here rather than inferred: inference imports the model in a subprocess.
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
                 metadata={"classes": json.dumps([_plain(c) for c in classes])})
-        self.client.set_terminated(self.run_id, "RUNNING")  # start_run's exit ended it
-        return info.model_uri
+        return info
 
 
 def _plain(value: Any) -> Any:
