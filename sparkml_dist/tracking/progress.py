@@ -87,8 +87,7 @@ class ProgressReporter:
                 from tqdm.auto import tqdm
 
                 self._bar = tqdm(total=total, desc="training", unit="step")
-            self._bar.n = step
-            self._bar.set_postfix_str(line.split(" loss ", 1)[-1])
-            self._bar.refresh()
+            self._bar.set_postfix_str("loss " + line.split(" loss ", 1)[-1], refresh=False)
+            self._bar.update(step - self._bar.n)
         else:
             log.info("progress: %s", line)
