@@ -84,13 +84,21 @@ class TorchCommunicator:
         log.info("rank %d/%d joined the %s group (attempt %d)", self.rank, self.world_size,
                  backend, endpoint.attempt)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    def _on_device(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        """Run ``op`` on ``tensor`` where the backend can (NCCL needs GPU tensors), in place."""
+        if tensor.device == self.device or self.device.type == "cpu":
+            op(tensor)
+            return tensor
+        moved = tensor.to(self.device)
+        op(moved)
+        tensor.copy_(moved)
         return tensor
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._on_device(tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        dist.broadcast(tensor, src=src)
-        return tensor
+        return self._on_device(tensor, lambda t: dist.broadcast(t, src=src))
 
     def barrier(self) -> None:
         dist.barrier()
