@@ -1,0 +1,503 @@
+"""Score Spark DataFrames with a PyTorch model from MLflow: a SQL-registrable Arrow UDF and a
+batch scoring job.
+
+The driver resolves the model once (:func:`resolve_model`): it reads the MLmodel file, checks the
+input width from the signature and the classes from the metadata ``fit`` logs, and pins the model
+to its artifact location (MLflow 3 logged models), so an alias that moves while a job runs cannot
+mix two versions. The UDF (``Iterator[pa.Array] -> Iterator[pa.Array]``, Arrow in and out, no
+pandas) loads the model once per Python worker (:func:`load_torch_model`'s cache) and runs it in
+``batch_size`` slices.
+
+Classification returns ``struct<prediction: <label type>, probability: array<float>>`` with the
+label decoded back to the training values; regression returns ``struct<prediction: double>``. A row
+with a null feature gets a null result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sparkml_dist.config import _check
+from sparkml_dist.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+Task = Literal["classification", "regression"]
+PREDICTION = "prediction"
+PROBABILITY = "probability"
+_LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)/?$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig:
+    """A batch scoring job: read ``source``, score it with ``model_uri``, write Parquet."""
+
+    model_uri: str
+    """``runs:/<run_id>/model``, ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or
+    ``models:/m-<id>``."""
+    tracking_uri: str | None = None
+    """MLflow tracking (and registry) URI; default ``MLFLOW_TRACKING_URI`` or
+    ``sqlite:///mlflow.db`` in cwd, as for training."""
+    source: str
+    """Table name or Parquet/CSV/JSON/ORC path to score."""
+    format: Literal["parquet", "csv", "json", "orc", "table"] | None = None
+    """Source format; inferred from the path's extension when unset, ``table`` for a name."""
+    read_options: Mapping[str, str] = field(default_factory=dict)
+    """Options for ``spark.read`` (CSV gets ``header`` and ``inferSchema`` by default)."""
+    features_col: str | None = None
+    """One array or ML vector column holding all features."""
+    feature_cols: tuple[str, ...] = ()
+    """Numeric feature columns, in training order (instead of ``features_col``)."""
+    output: str
+    """Parquet output directory."""
+    mode: Literal["overwrite", "error"] = "error"
+    """What to do when ``output`` exists: replace it, or fail."""
+    batch_size: int = 1024
+    """Rows per forward pass (at most Spark's Arrow batch, 10,000 rows by default)."""
+    keep_cols: tuple[str, ...] | None = None
+    """Input columns copied to the output next to the predictions; unset keeps them all."""
+    task: Task | None = None
+    """Override the task read from the model (needed only for models not logged by ``fit``)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model_uri), "model_uri must be set, e.g. runs:/<run_id>/model.")
+        _check(bool(self.source) and bool(self.output), "source and output must both be set.")
+        _check(bool(self.features_col) != bool(self.feature_cols),
+               "set exactly one of features_col (an array column) or feature_cols (numeric "
+               f"columns); got features_col={self.features_col!r}, "
+               f"feature_cols={list(self.feature_cols)}.")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """What executors need to score with a model; resolved once on the driver."""
+
+    uri: str
+    """The URI as the user gave it (for messages)."""
+    location: str
+    """Pinned artifact location of the model directory."""
+    tracking_uri: str
+    in_features: int
+    """Input width, from the model signature."""
+    num_outputs: int
+    task: Task
+    classes: tuple[Any, ...] = ()
+    """Label values by output index (classification); empty means the index is the label."""
+    batch_size: int = 1024
+
+    def return_type(self) -> Any:
+        """The Spark struct type the UDF returns."""
+        from pyspark.sql import types as T
+
+        if self.task == "regression":
+            return T.StructType([T.StructField(PREDICTION, T.DoubleType())])
+        return T.StructType([
+            T.StructField(PREDICTION, _label_type(self.classes)),
+            T.StructField(PROBABILITY, T.ArrayType(T.FloatType(), containsNull=False))])
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (PREDICTION,) if self.task == "regression" else (PREDICTION, PROBABILITY)
+
+
+# ---------------------------------------------------------------------------------------------
+# driver: resolve the model
+
+
+def resolve_model(model_uri: str, *, tracking_uri: str | None = None, task: Task | None = None,
+                  batch_size: int = 1024) -> ModelSpec:
+    """Read ``model_uri``'s MLmodel and check it can be scored; pin it to its artifacts."""
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    from sparkml_dist.tracking.mlflow_store import default_tracking_uri
+
+    _check(batch_size >= 1, f"batch_size must be >= 1; got {batch_size}.")
+    _check(task in (None, "classification", "regression"),
+           f"task must be 'classification', 'regression' or None; got {task!r}.")
+    tracking = default_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking, registry_uri=tracking)
+    try:
+        match = _LOGGED_MODEL_URI.match(model_uri)
+        root = client.get_logged_model(match.group(1)).artifact_location if match else model_uri
+        model = Model.load(_download(f"{root.rstrip('/')}/MLmodel", tracking))
+        if not match and model.model_id:
+            root = client.get_logged_model(model.model_id).artifact_location
+    except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, bad URI schemes...
+        raise ConfigError(
+            f"cannot load model {model_uri!r} from the MLflow tracking store {tracking}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Check the run id, "
+            "model name and version or alias, and pass tracking_uri= (or set "
+            "MLFLOW_TRACKING_URI) if the model lives in another store.") from exc
+    if "pytorch" not in model.flavors:
+        raise ConfigError(f"model {model_uri!r} has flavors {', '.join(model.flavors)}; "
+                          "sparkml_dist scores PyTorch models. Use mlflow.pyfunc.spark_udf for "
+                          "other flavors.")
+    in_features, num_outputs = _signature_widths(model, model_uri)
+    classes = tuple(json.loads((model.metadata or {}).get("classes", "[]")))
+    resolved = _resolve_task(model_uri, task, classes, num_outputs)
+    return ModelSpec(uri=model_uri, location=root, tracking_uri=tracking,
+                     in_features=in_features, num_outputs=num_outputs or (len(classes) or 1),
+                     task=resolved, classes=classes if resolved == "classification" else (),
+                     batch_size=batch_size)
+
+
+def _download(uri: str, tracking_uri: str, dst: str | None = None) -> str:
+    import mlflow.artifacts
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
+                                               tracking_uri=tracking_uri,
+                                               registry_uri=tracking_uri)
+
+
+def _signature_widths(model: Any, uri: str) -> tuple[int, int | None]:
+    """(input width, output width or None) from a tensor or column signature."""
+    sig = model.signature
+    if sig is None or sig.inputs is None:
+        raise ConfigError(f"model {uri!r} has no signature, so its input width is unknown. Log "
+                          "it with signature=infer_signature(features, outputs) (fit does).")
+
+    def width(schema: Any) -> int | None:
+        if not schema.is_tensor_spec():
+            return len(schema.inputs)
+        shape = schema.inputs[0].shape
+        return 1 if len(shape) == 1 else shape[-1] if len(shape) == 2 and shape[-1] > 0 else None
+
+    d = width(sig.inputs)
+    if d is None:
+        raise ConfigError(f"model {uri!r} takes input of shape {sig.inputs.inputs[0].shape}; "
+                          "sparkml_dist scores models whose input is (rows, features).")
+    return d, width(sig.outputs) if sig.outputs is not None else None
+
+
+def _resolve_task(uri: str, task: Task | None, classes: tuple[Any, ...],
+                  num_outputs: int | None) -> Task:
+    if task is None:
+        task = "classification" if classes or (num_outputs or 1) > 1 else "regression"
+    if task == "regression":
+        _check(num_outputs in (None, 1),
+               f"model {uri!r} has {num_outputs} outputs; task=regression needs exactly 1.")
+    else:
+        _check(num_outputs is None or num_outputs >= 2,
+               f"model {uri!r} has 1 output; task=classification needs one logit per class.")
+        _check(not classes or num_outputs in (None, len(classes)),
+               f"model {uri!r} has {num_outputs} outputs but {len(classes)} classes in its "
+               "metadata.")
+    return task
+
+
+def _label_kind(classes: tuple[Any, ...]) -> str:
+    """Spark type name of decoded labels (the JSON metadata keeps int/float/str/bool apart)."""
+    if all(isinstance(c, bool) for c in classes) and classes:
+        return "boolean"
+    if all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        return "long"  # also the class index when the model has no classes
+    if all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in classes):
+        return "double"
+    return "string"
+
+
+def _label_type(classes: tuple[Any, ...]) -> Any:
+    from pyspark.sql import types as T
+
+    return {"boolean": T.BooleanType(), "long": T.LongType(), "double": T.DoubleType(),
+            "string": T.StringType()}[_label_kind(classes)]
+
+
+def _classes_array(classes: tuple[Any, ...]) -> pa.Array:
+    kind = _label_kind(classes)
+    if kind == "string":
+        return pa.array([str(c) for c in classes], pa.string())
+    return pa.array(list(classes), {"boolean": pa.bool_(), "long": pa.int64(),
+                                    "double": pa.float64()}[kind])
+
+
+# ---------------------------------------------------------------------------------------------
+# executors: load once per Python worker, score Arrow batches
+
+_MODELS: dict[tuple[str, str], Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_torch_model(location: str, tracking_uri: str) -> Any:
+    """The model at ``location``, loaded once per process (keyed by location + tracking URI)."""
+    key = (location, tracking_uri)
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = _load(location, tracking_uri)
+            _MODELS[key] = model
+    return model
+
+
+def _load(location: str, tracking_uri: str) -> Any:
+    import shutil
+    import tempfile
+    from urllib.parse import urlparse
+
+    import mlflow.pytorch
+
+    if urlparse(location).scheme in ("", "file"):
+        model = mlflow.pytorch.load_model(location)
+    else:  # remote artifacts: download to a temporary directory, load, delete the copy
+        tmp = tempfile.mkdtemp(prefix="sparkml_dist-model-")
+        try:
+            model = mlflow.pytorch.load_model(_download(location, tracking_uri, tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.eval()
+    except NotImplementedError:  # a torch.export program (MLflow's default "pt2" format) is
+        pass                     # traced in the mode it was logged in (eval, by fit)
+    log.info("loaded model %s", location)
+    return model
+
+
+def feature_matrix(columns: Sequence[pa.Array], in_features: int,
+                   uri: str = "the model") -> tuple[np.ndarray, np.ndarray | None]:
+    """Features of the rows without nulls as float32 ``(rows, in_features)``, and the mask of
+    those rows (None when every row is complete).
+
+    ``columns`` is one array column of width ``in_features``, or ``in_features`` numeric columns.
+    """
+    from_list = len(columns) == 1 and _is_list(columns[0].type)
+    if from_list:
+        arr = columns[0]
+        valid = arr.is_valid()
+        widths = pc.list_value_length(arr).filter(valid).to_numpy(zero_copy_only=False)
+        bad = widths != in_features
+        if bad.any():
+            raise DataError(f"a feature array has {int(widths[bad][0])} values, but {uri} "
+                            f"expects {in_features} (the input width of its signature). Score "
+                            "rows shaped like the training data's features.")
+        values = pc.list_flatten(arr)
+        if not _is_numeric(values.type):
+            raise DataError(f"feature arrays hold {values.type}; expected numbers.")
+        if values.null_count:
+            raise DataError(f"{values.null_count} feature values are null inside arrays; fill or "
+                            "filter them before scoring.")
+        x = _as_float32(values).reshape(-1, in_features)
+    else:
+        for c in columns:
+            if not _is_numeric(c.type):
+                raise DataError(f"a feature column holds {c.type}; expected one array column or "
+                                f"{in_features} numeric columns. ML vectors: convert with "
+                                "pyspark.ml.functions.vector_to_array.")
+        if len(columns) != in_features:
+            raise DataError(f"got {len(columns)} numeric feature columns, but {uri} expects "
+                            f"{in_features} (the input width of its signature).")
+        valid = np.logical_and.reduce([c.is_valid().to_numpy(zero_copy_only=False)
+                                       for c in columns])
+        x = np.column_stack([_as_float32(c) for c in columns])
+    mask = valid if isinstance(valid, np.ndarray) else valid.to_numpy(zero_copy_only=False)
+    if mask.all():
+        return x, None
+    return (x if from_list else x[mask]), mask  # list_flatten already skipped null lists
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def _as_float32(arr: pa.Array) -> np.ndarray:
+    x = pc.cast(arr, pa.float32(), safe=False).to_numpy(zero_copy_only=False)
+    return x if x.flags.writeable else x.copy()  # torch.from_numpy wants a writable buffer
+
+
+def forward(model: Any, x: np.ndarray, batch_size: int, num_outputs: int,
+            softmax: bool) -> np.ndarray:
+    """Model outputs for ``x`` in slices of ``batch_size`` rows (softmax of logits if asked)."""
+    import torch
+
+    if len(x) == 0:
+        return np.empty((0, num_outputs), np.float32)
+    with torch.inference_mode():
+        outs = [model(torch.from_numpy(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+        y = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if softmax:
+            y = torch.softmax(y, dim=1)
+        return y.reshape(len(x), -1).numpy()
+
+
+def result_array(spec: ModelSpec, y: np.ndarray, classes: pa.Array | None) -> pa.StructArray:
+    """The UDF's struct column for model outputs ``y`` (probabilities when classifying)."""
+    if spec.task == "regression":
+        return pa.StructArray.from_arrays([pa.array(y[:, 0].astype(np.float64))], [PREDICTION])
+    idx = pa.array(y.argmax(axis=1).astype(np.int64))
+    labels = classes.take(idx) if classes is not None else idx
+    n, k = y.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    probs = pa.ListArray.from_arrays(offsets, pa.array(y.reshape(-1)),
+                                     type=pa.list_(pa.field("element", pa.float32(), False)))
+    return pa.StructArray.from_arrays([labels, probs], [PREDICTION, PROBABILITY])
+
+
+def score_batches(spec: ModelSpec, batches: Iterator[Any]) -> Iterator[pa.Array]:
+    """The UDF body: one result array per incoming Arrow batch (an array or a tuple of them)."""
+    model = None
+    classes = _classes_array(spec.classes) if spec.classes else None
+    for batch in batches:
+        cols = batch if isinstance(batch, tuple) else (batch,)
+        x, mask = feature_matrix(cols, spec.in_features, repr(spec.uri))
+        if model is None:  # after the first batch passed its checks: bad data fails fast
+            model = load_torch_model(spec.location, spec.tracking_uri)
+        y = forward(model, x, spec.batch_size, spec.num_outputs, spec.task == "classification")
+        out = result_array(spec, y, classes)
+        if mask is not None:  # null feature rows -> null results (take with null indices)
+            out = out.take(pa.array(np.cumsum(mask) - 1, mask=~mask))
+        yield out
+
+
+# ---------------------------------------------------------------------------------------------
+# driver: the public API
+
+
+def _spark_udf(spec: ModelSpec) -> Any:
+    from pyspark.sql.functions import arrow_udf
+
+    def predict(batches: Iterator[tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
+        return score_batches(spec, batches)
+
+    return arrow_udf(predict, spec.return_type())
+
+
+def predict_udf(model_uri: str, *, tracking_uri: str | None = None, batch_size: int = 1024,
+                task: Task | None = None) -> Callable[..., Any]:
+    """A Spark UDF scoring rows with the PyTorch model at ``model_uri``.
+
+    Call it with one array column (``predict("features")``) or with the model's numeric feature
+    columns in training order (``predict("a", "b", "c")``). It returns a struct: ``prediction``
+    (the original label) and ``probability`` (softmax, ``array<float>``) for classification,
+    ``prediction`` (double) for regression. Works with classic Spark and Spark Connect.
+
+    Args:
+        model_uri: ``runs:/<run>/model``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``
+            or ``models:/m-<id>``; resolved and pinned now, on the driver.
+        tracking_uri: where the model lives; executors use it too (default as for training).
+        batch_size: rows per forward pass.
+        task: override the task read from the model's metadata.
+    """
+    spec = resolve_model(model_uri, tracking_uri=tracking_uri, task=task, batch_size=batch_size)
+    raw = _spark_udf(spec)
+
+    def predict(*cols: Any) -> Any:
+        if len(cols) not in (1, spec.in_features):
+            raise DataError(f"got {len(cols)} feature columns, but model {spec.uri!r} expects "
+                            f"{spec.in_features} features: pass one array column or "
+                            f"{spec.in_features} numeric columns.")
+        return raw(*cols)
+
+    predict.__dict__.update(raw.__dict__)  # func, evalType...: spark.udf.register accepts it
+    predict.spec = spec  # type: ignore[attr-defined]
+    return predict
+
+
+def register_predict_udf(spark: Any, name: str, model_uri: str, *,
+                         tracking_uri: str | None = None, batch_size: int = 1024,
+                         task: Task | None = None) -> Callable[..., Any]:
+    """Register :func:`predict_udf` as SQL function ``name``: ``SELECT name(features) FROM t``."""
+    udf = predict_udf(model_uri, tracking_uri=tracking_uri, batch_size=batch_size, task=task)
+    spark.udf.register(name, udf)
+    return udf
+
+
+def feature_columns(df: Any, spec: ModelSpec, features_col: str | None,
+                    feature_cols: Sequence[str]) -> list[Any]:
+    """Check the feature columns against ``df``'s schema and the model; return them as Columns."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    wanted = ([features_col] if features_col else []) + list(feature_cols)
+    if not wanted or (features_col and feature_cols):
+        raise ConfigError("set exactly one of features_col (an array or vector column) or "
+                          f"feature_cols (numeric columns); columns are: {', '.join(fields)}.")
+    missing = [c for c in wanted if c not in fields]
+    if missing:
+        raise DataError(f"feature column {missing[0]!r} not found; columns are: "
+                        f"{', '.join(fields)}. Set features_col or feature_cols.")
+    if features_col:
+        dtype = fields[features_col]
+        if type(dtype).__name__ == "VectorUDT":
+            from pyspark.ml.functions import vector_to_array
+
+            return [vector_to_array(F.col(features_col), "float32")]
+        if not (isinstance(dtype, T.ArrayType) and isinstance(dtype.elementType, T.NumericType)):
+            raise DataError(f"features_col {features_col!r} has type {dtype.simpleString()}; "
+                            "expected an array of numbers or an ML vector.")
+        return [F.col(features_col)]
+    not_numeric = [c for c in feature_cols if not isinstance(fields[c], T.NumericType)]
+    if not_numeric:
+        raise DataError(f"feature column {not_numeric[0]!r} has type "
+                        f"{fields[not_numeric[0]].simpleString()}; feature_cols must be numeric.")
+    if len(feature_cols) != spec.in_features:
+        raise DataError(f"got {len(feature_cols)} feature columns ({', '.join(feature_cols)}), "
+                        f"but model {spec.uri!r} expects {spec.in_features} features (its "
+                        "signature). List the training features in order, or pass one array "
+                        "column as features_col.")
+    return [F.col(c) for c in feature_cols]
+
+
+def predict(df: Any, model_uri: str, *, features_col: str | None = None,
+            feature_cols: Sequence[str] = (), tracking_uri: str | None = None,
+            batch_size: int = 1024, task: Task | None = None,
+            keep_cols: Sequence[str] | None = None) -> Any:
+    """``df``'s ``keep_cols`` (default: all) plus ``prediction`` (and ``probability``) columns,
+    with the feature columns checked on the driver before any job runs."""
+    udf = predict_udf(model_uri, tracking_uri=tracking_uri, batch_size=batch_size, task=task)
+    spec: ModelSpec = udf.spec  # type: ignore[attr-defined]
+    cols = feature_columns(df, spec, features_col, feature_cols)
+    keep = list(df.columns if keep_cols is None else keep_cols)
+    missing = [c for c in keep if c not in df.columns]
+    if missing:
+        raise DataError(f"keep_cols: column {missing[0]!r} not found; columns are: "
+                        f"{', '.join(df.columns)}.")
+    clash = [c for c in keep if c in spec.output_names]
+    if clash:
+        raise DataError(f"the input already has a column {clash[0]!r}; leave it out of "
+                        "keep_cols (or rename it) so the predictions can take that name.")
+    return (df.select(*keep, udf(*cols).alias("__scored"))
+            .select(*keep, *[f"__scored.{n}" for n in spec.output_names]))
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """What :func:`run_prediction` wrote."""
+
+    output: str
+    rows: int
+    model_uri: str
+
+
+def run_prediction(cfg: PredictConfig, spark: Any = None) -> BatchPrediction:
+    """Score ``cfg.source`` with ``cfg.model_uri`` and write Parquet to ``cfg.output``."""
+    from pyspark.sql import SparkSession
+
+    from sparkml_dist.config import DataConfig
+    from sparkml_dist.spark.prepare import read_source
+
+    spark = spark or SparkSession.builder.getOrCreate()
+    df = read_source(spark, DataConfig(source=cfg.source, format=cfg.format,
+                                       read_options=cfg.read_options))
+    scored = predict(df, cfg.model_uri, features_col=cfg.features_col,
+                     feature_cols=cfg.feature_cols, tracking_uri=cfg.tracking_uri,
+                     batch_size=cfg.batch_size, task=cfg.task, keep_cols=cfg.keep_cols)
+    scored.write.mode(cfg.mode).parquet(cfg.output)
+    rows = spark.read.parquet(cfg.output).count()
+    log.info("wrote %d predictions of %s to %s", rows, cfg.model_uri, cfg.output)
+    return BatchPrediction(output=cfg.output, rows=rows, model_uri=cfg.model_uri)
