@@ -9,48 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.services import free_port, listening, service
 
 SERVER_START_TIMEOUT_S = 180.0
 SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 # Set by SparkSession.builder.remote(); left behind they turn every later
 # SparkSession.builder.getOrCreate() in this process into a Connect client.
 _CONNECT_ENV = ("SPARK_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)  # the server JVM and its Python workers, started below
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -82,23 +53,9 @@ def connect_server(tmp_path_factory):
            "--conf", f"spark.sql.warehouse.dir={root / 'warehouse'}",
            "--conf", "spark.executor.instances=1", "--conf", "spark.executor.cores=1",
            "spark-internal"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _listening(port):
-            if proc.poll() is not None:
-                pytest.fail(f"Spark Connect server exited with {proc.returncode}:\n"
-                            f"{log_path.read_text(errors='replace')[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"Spark Connect server not listening on {port} after "
-                            f"{SERVER_START_TIMEOUT_S:.0f}s:\n"
-                            f"{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(1.0)
+    with service(cmd, log_path, env, root, lambda: listening(port), "Spark Connect server",
+                 SERVER_START_TIMEOUT_S):
         yield f"sc://127.0.0.1:{port}"
-    finally:
-        _stop_group(proc)
 
 
 @pytest.fixture(scope="module")

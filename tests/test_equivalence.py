@@ -1,6 +1,5 @@
 """N-rank training ends with the same weights as one process over the same global batches."""
 
-import numpy as np
 import pytest
 import torch
 from pyspark.sql import functions as F

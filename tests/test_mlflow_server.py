@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,13 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.services import free_port, service
+
 SERVER_START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -53,35 +45,9 @@ def mlflow_server(tmp_path_factory):
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(artifacts), "--serve-artifacts"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(url):
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n"
-                            f"{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy at {url}/health after "
-                            f"{SERVER_START_TIMEOUT_S:.0f}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with service(cmd, log_path, env, root, lambda: _healthy(url), "mlflow server",
+                 SERVER_START_TIMEOUT_S):
         yield url, artifacts
-    finally:
-        _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)  # the group this fixture created (start_new_session)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture
