@@ -1,0 +1,1 @@
+"""Data: shard arithmetic (pure), shard storage on a rank, and Spark-side preparation."""
