@@ -28,6 +28,22 @@ def make_session(master: str = "local[2]", app: str = "sparkml_dist-tests", **co
     return builder.getOrCreate()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _isolated_mlflow_globals():
+    """Undo what a module did to MLflow's process-global tracking URI (``set_tracking_uri`` also
+    sets ``MLFLOW_TRACKING_URI``, which later subprocesses would inherit)."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(uri)
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 @pytest.fixture(scope="module")
 def spark(request):
     """Module-scoped session; a module may set ``SPARK_MASTER = "local[3]"``."""

@@ -29,6 +29,7 @@ def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
     write_digits_parquet(work / "data" / "digits.parquet")
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the demo uses the default embedded store
     proc = subprocess.run(
         [spark_submit(), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
          str(ROOT / "jobs/train.py"), "--config", str(ROOT / "conf/digits.yaml")],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -110,12 +111,18 @@ class JobRun:
         with torch.no_grad():
             out = model(torch.as_tensor(example)).numpy()
         signature = infer_signature(example, out)
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.tracking_uri)  # log_model only takes the global URI
+        # log_model only takes the global URI, and setting it also sets MLFLOW_TRACKING_URI in
+        # this process's environment (inherited by subprocesses): restore both exactly.
+        previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.tracking_uri)
         try:
             info = self._log_model_in_run(model, signature, example, classes, registered_model_name)
         finally:
             mlflow.set_tracking_uri(previous)
+            if previous_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
         self.client.set_terminated(self.run_id, "RUNNING")  # start_run's exit ended it
         return info.model_uri
 
