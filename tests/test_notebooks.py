@@ -92,3 +92,11 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, digits_path: Pa
                   if "image/png" in o.get("data", {})]
         assert images, "the quickstart should display the training-curve PNG"
         assert "predicted" in texts, "the quickstart should show SQL predictions"
+    if path.stem == "fault_tolerance":
+        assert sorted(r.data.tags.get("sparkml_dist.attempts") for r in runs) == ["1", "2"], \
+            "one run recovers from the injected fault (2 attempts), one runs uninterrupted"
+        assert any("sparkml_dist.failure.0" in r.data.tags for r in runs)
+        assert "bitwise: True" in texts, "the resumed weights should equal the uninterrupted run's"
+    if path.stem == "horovod":
+        assert {r.data.tags.get("sparkml_dist.backend") for r in runs} == {"horovod", "torch"}
+        assert any(r.data.tags.get("horovod.compression") == "fp16" for r in runs)
