@@ -75,12 +75,16 @@ class ShardStore:
             np.take(c.features, idx, axis=0, out=x)
             np.take(c.labels, idx, out=y)
         else:
+            # Group the requested rows by chunk once (a stable sort), then copy chunk by chunk.
             which = np.searchsorted(self._offsets, idx, side="right") - 1
-            for ci in np.unique(which):
-                mask = which == ci
-                local = idx[mask] - self._offsets[ci]
-                x[mask] = self._chunks[ci].features[local]
-                y[mask] = self._chunks[ci].labels[local]
+            order = np.argsort(which, kind="stable")
+            bounds = np.searchsorted(which[order], np.arange(len(self._chunks) + 1))
+            for ci in range(len(self._chunks)):
+                sel = order[bounds[ci]:bounds[ci + 1]]
+                if len(sel):
+                    local = idx[sel] - self._offsets[ci]
+                    x[sel] = self._chunks[ci].features[local]
+                    y[sel] = self._chunks[ci].labels[local]
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def iter_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,6 +182,7 @@ class ShardBuilder:
             assert self._sink is not None
             self._sink.close()
             source = pa.memory_map(self._path, "r")
+            os.unlink(self._path)  # the mapping stays valid; the disk space goes with the task
             reader = ipc.open_file(source)
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
             keepalive = (source, batches)

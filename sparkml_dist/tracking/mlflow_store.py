@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +28,40 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class MlflowSink:
-    """Writes metrics into the run in one batch call per report."""
+    """Writes metrics into the run, one batch call per report, from a background thread so a
+    slow tracking store never stalls a training step. ``flush()`` waits for the queue."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="sparkml_dist-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is not None and self._error is None:
+                    self.client.log_batch(self.run_id, metrics=batch)
+            except BaseException as exc:  # noqa: BLE001 - surfaced by the next call
+                self._error = exc
+            finally:
+                self._queue.task_done()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
+        if self._error is not None:
+            raise RuntimeError(f"logging metrics to MLflow failed: {self._error}") from self._error
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()])
+        self._queue.put([Metric(key=k, value=float(v), timestamp=now, step=step)
+                         for k, v in metrics.items()])
+
+    def flush(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            raise RuntimeError(f"logging metrics to MLflow failed: {self._error}") from self._error
 
 
 class MlflowCheckpointStore:

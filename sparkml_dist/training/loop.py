@@ -34,11 +34,17 @@ class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Record ``metrics`` at ``step``."""
 
+    def flush(self) -> None:
+        """Wait until every recorded metric is stored."""
+
 
 class NullSink:
     """Discards metrics (ranks other than 0, and pure tests)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        return None
+
+    def flush(self) -> None:
         return None
 
 
@@ -64,6 +70,14 @@ class RankResult:
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Seed for the randomness inside one step (dropout...), so a resumed step replays exactly."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generators a step draws from (dropout...). Cheaper than ``torch.manual_seed``,
+    which also queues seeding of every accelerator backend on each call."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def user_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
@@ -174,7 +188,7 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
         if order is None or s == 0:
             order = epoch_order(len(train), tc.seed, epoch, rank, steps * tc.batch_size)
         _maybe_die(cfg, rank, plan.attempt, gstep)
-        torch.manual_seed(step_seed(tc.seed, rank, gstep))
+        seed_step(step_seed(tc.seed, rank, gstep), device)
         x, y = train.gather(batch_indices(order, s, tc.batch_size))
         x = x.to(device, non_blocking=True)
         t0 = time.perf_counter()
@@ -195,6 +209,7 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
         if done % tc.log_every_steps == 0 or end_of_epoch:
             agg = comm.all_reduce_sum(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64))
             elapsed = time.perf_counter() - window_t0
+            window_t0 = time.perf_counter()  # the time spent reporting counts in the next window
             metrics = {
                 "train/loss": float(agg[0] / agg[1]),
                 "train/lr": float(scheduler.get_last_lr()[0]),
@@ -209,7 +224,6 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
             if rank == 0:
                 sink.log_metrics(metrics, done)
             loss_sum, loss_n, comm_s, compute_s = 0.0, 0, 0.0, 0.0
-            window_t0 = time.perf_counter()
         if end_of_epoch and cfg.data.val_fraction > 0:
             val_metrics = evaluate(net, val, comm, task, tc.batch_size * 4, device)
             val_metrics["epoch"] = float(epoch + 1)
@@ -226,6 +240,7 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
                  "final": done == total})
             sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t0,
                               "checkpoint/size_mb": meta.size_bytes / 2**20}, done)
+    sink.flush()
     if start == total and cfg.data.val_fraction > 0:  # resumed after the last step
         metrics.update(evaluate(net, val, comm, task, tc.batch_size * 4, device))
     comm.barrier()
