@@ -26,7 +26,7 @@ data/digits.parquet: | $(STAMP)
 	$(BIN)/python -m sparkml_dist.datasets $@
 
 demo: $(STAMP) data/digits.parquet
-	$(BIN)/spark-submit --master "local[2]" --conf spark.ui.showConsoleProgress=false \
+	$(BIN)/spark-submit --master "local[2]" --conf spark.log.level=WARN --conf spark.ui.showConsoleProgress=false \
 	  jobs/train.py --config conf/digits.yaml $(ARGS)
 
 horovod: $(STAMP)
