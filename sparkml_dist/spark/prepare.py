@@ -74,8 +74,8 @@ def read_source(spark: SparkSession, cfg: DataConfig) -> DataFrame:
     return reader.format(fmt).load(cfg.source)
 
 
-def _feature_columns(df: DataFrame, cfg: DataConfig) -> tuple[list[Column], list[str]]:
-    """Feature expressions (each an ``array<float>``) and the names used in error messages."""
+def _feature_columns(df: DataFrame, cfg: DataConfig) -> list[Column]:
+    """Feature expressions, each an ``array<float>``, in configured order."""
     fields = {f.name: f.dataType for f in df.schema.fields}
     wanted = list(cfg.feature_cols) + ([cfg.features_col] if cfg.features_col else [])
     if not wanted:
@@ -106,7 +106,7 @@ def _feature_columns(df: DataFrame, cfg: DataConfig) -> tuple[list[Column], list
             raise DataError(f"data.features_col {cfg.features_col!r} has type "
                             f"{dtype.simpleString()}; expected an array of numbers or an ML "
                             "vector.")
-    return exprs, wanted
+    return exprs
 
 
 def _invalid_flags(df: DataFrame, cfg: DataConfig, label_numeric: bool) -> dict[str, Column]:
@@ -162,7 +162,7 @@ def _number_rows(df: DataFrame, group: Column) -> tuple[DataFrame, dict[Any, int
 def prepare(spark: SparkSession, df: DataFrame, cfg: DataConfig, num_workers: int,
             seed: int) -> PreparedData:
     """Validate ``df`` and lay it out as ``num_workers`` train+validation shards."""
-    exprs, _ = _feature_columns(df, cfg)
+    exprs = _feature_columns(df, cfg)
     label_type = df.schema[cfg.label_col].dataType
     label_numeric = isinstance(label_type, _NUMERIC)
     if cfg.task == "regression" and not label_numeric:

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -247,8 +247,3 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
     return RankResult(steps_done=total, resumed_from=start,
                       metrics={k: float(v) for k, v in metrics.items()})
 
-
-def model_state(model: nn.Module) -> dict[str, Any]:
-    """State dict of a (possibly wrapped) model, tensors on CPU."""
-    inner = getattr(model, "module", model)
-    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
