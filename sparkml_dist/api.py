@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,9 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     from pyspark.sql import DataFrame, SparkSession
 
     from sparkml_dist.spark.launch import run_attempts
-    from sparkml_dist.spark.preflight import check_cluster
+    from sparkml_dist.spark.preflight import check_cluster, check_shipping
     from sparkml_dist.spark.prepare import prepare, read_source
+    from sparkml_dist.strategies import check_before_launch, data_layout, strategy_class
     from sparkml_dist.tracking.progress import ProgressReporter
     from sparkml_dist.tracking.run import JobRun
 
@@ -85,8 +87,12 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
             cfg = cfg.replace(**{"data.source": data})
         df = read_source(spark, cfg.data)
     tc = cfg.training
+    check_before_launch(cfg)
     check_cluster(spark, tc.num_workers, cfg.backend)
-    prepared = prepare(spark, df, cfg.data, tc.num_workers, tc.seed)
+    check_shipping(spark, tc.num_workers, cfg.backend, cfg.tracking)
+    t_prepare = time.perf_counter()
+    prepared = prepare(spark, df, cfg.data, data_layout(cfg), tc.seed)
+    prepare_s = time.perf_counter() - t_prepare
     run = JobRun(cfg, resume_run_id)
     first_attempt = run.attempts_so_far
     try:
@@ -95,10 +101,13 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         app_id = "unknown"
     run.set_tags({"sparkml_dist.backend": cfg.backend.name, "sparkml_dist.world_size": tc.num_workers,
                   "sparkml_dist.device": cfg.backend.device, "spark.app_id": app_id})
+    run.set_tags(strategy_class(cfg.strategy.kind).run_tags(cfg))
     if cfg.backend.name == "horovod":
         from sparkml_dist.comm.horovod import run_tags as horovod_run_tags
 
         run.set_tags(horovod_run_tags(cfg.backend))
+    if resume_run_id:
+        check_resume(run, cfg, prepared.layout)
     run.log_params({"data.rows_train": sum(prepared.train_shard_sizes),
                     "data.rows_val": sum(prepared.val_shard_sizes),
                     "data.rows_dropped": prepared.dropped_rows,
@@ -109,13 +118,17 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
                               cfg.tracking.progress):
             results = run_attempts(
                 prepared, cfg, run, lambda: check_cluster(spark, tc.num_workers, cfg.backend, 60.0))
+        t_finish = time.perf_counter()
         model_uri = None
         if cfg.tracking.log_model:
             model_uri = _log_final_model(cfg, prepared, run)
         run.log_training_curves()
+        _log_phase_times(run, prepared, prepare_s, time.perf_counter() - t_finish)
     except BaseException:
         run.finish("FAILED")
         raise
+    finally:
+        prepared.release()
     run.finish()
     metrics = results[0]["metrics"]
     log.info("run %s finished: %s", run.run_id, metrics)
@@ -123,6 +136,21 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
                      attempts=results[0]["attempt"] - first_attempt + 1,
                      tracking_uri=run.tracking_uri, experiment_id=run.experiment_id,
                      ranks=tuple(results))
+
+
+def check_resume(run: Any, cfg: JobConfig, layout: Any) -> None:
+    """Before relaunching a run: its newest checkpoint must have been written by the same
+    strategy settings, world size and data layout, or the resume fails here, on the driver."""
+    from sparkml_dist.strategies import job_fingerprint
+    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
+    from sparkml_dist.training.checkpoint import check_fingerprint
+
+    store = MlflowCheckpointStore(run.tracking_uri, run.run_id)
+    names = store.complete_names()
+    if not names:
+        return
+    check_fingerprint(names[0], store.read_meta(names[0]).fingerprint,
+                      job_fingerprint(cfg, layout))
 
 
 def final_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
@@ -136,12 +164,25 @@ def final_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
 
 
 def _log_final_model(cfg: JobConfig, prepared: Any, run: Any) -> str:
-    from sparkml_dist.data.shard_store import FEATURES
     from sparkml_dist.models import build_model
 
     model = build_model(cfg.model.factory, prepared.in_features, prepared.num_outputs,
                         cfg.model.kwargs)
     model.load_state_dict(final_state(run.run_id, run.tracking_uri))
-    rows = prepared.frame.select(FEATURES).limit(5).collect()
-    example = np.asarray([r[0] for r in rows], dtype=np.float32)
+    # Rows collected by preparation's first pass: nothing here reads the data again.
+    example = np.asarray(prepared.example_features, dtype=np.float32)
     return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name)
+
+
+def _log_phase_times(run: Any, prepared: Any, prepare_s: float, finish_s: float) -> None:
+    """Driver-side phase times as run metrics: ``time/prepare_s`` (read, validate, split, shard
+    and persist, before launch; with its parts ``time/prepare_assemble_s`` and
+    ``time/prepare_shard_s``) and ``time/finish_s`` (after the barrier stage returned: model
+    logging and plots)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = {"time/prepare_s": prepare_s, "time/finish_s": finish_s,
+              **{f"time/prepare_{k}": v for k, v in prepared.timings.items()}}
+    run.client.log_batch(run.run_id, metrics=[Metric(k, float(v), now, 0)
+                                              for k, v in values.items()])

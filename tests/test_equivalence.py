@@ -8,6 +8,7 @@ from sparkml_dist import JobConfig, final_state, fit
 from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT
 from sparkml_dist.data.sharding import batch_indices, epoch_order, steps_per_epoch
 from sparkml_dist.models import build_model
+from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.spark.prepare import prepare
 from sparkml_dist.training.optim import make_optimizer, make_scheduler
 
@@ -32,8 +33,9 @@ def job_config(num_workers: int, tracking_uri: str) -> JobConfig:
 def reference_weights(spark, df, cfg: JobConfig) -> dict[str, torch.Tensor]:
     """Single process: each step's global batch is every rank's batch concatenated, in order."""
     tc = cfg.training
-    prepared = prepare(spark, df, cfg.data, tc.num_workers, tc.seed)
+    prepared = prepare(spark, df, cfg.data, DataLayout.one_per_rank(tc.num_workers), tc.seed)
     rows = prepared.frame.where(F.col(SPLIT) == 0).select(FEATURES, LABEL, ROW, SHARD).collect()
+    prepared.release()
     shards = []
     for r in range(tc.num_workers):
         mine = sorted((row for row in rows if row[SHARD] == r), key=lambda row: row[ROW])

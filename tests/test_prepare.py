@@ -7,11 +7,18 @@ import pytest
 from pyspark.sql import functions as F
 
 from sparkml_dist.config import DataConfig
+from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT
 from sparkml_dist.errors import DataError
-from sparkml_dist.spark.prepare import prepare
+from sparkml_dist.spark.prepare import prepare as _prepare
 
 N = 3  # workers
+
+
+def prepare(spark, df, cfg, num_workers, seed):
+    """One shard per rank, the data-parallel layout; releases nothing (the module's session
+    ends with the module)."""
+    return _prepare(spark, df, cfg, DataLayout.one_per_rank(num_workers), seed)
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +143,115 @@ def test_unknown_source_format_is_explained(spark):
 
     with pytest.raises(DataError, match="cannot tell the format.*set data.format"):
         read_source(spark, DataConfig(source="/data/file.bin", feature_cols=("a",)))
+
+
+def _reference_numbering(spark, df, cfg, num_shards, seed):
+    """The numbering rule, computed in Python from each row's content hash: groups in sorted
+    order, rows within a group by (hash, features, label); split first, then shards per split."""
+    from sparkml_dist.data.sharding import group_offsets, validation_quota
+    from sparkml_dist.spark.prepare import assemble
+
+    a = assemble(spark, df, cfg)
+    h = F.xxhash64(F.lit(seed), F.col(FEATURES), F.col(LABEL))
+    rows = (a.frame.select(FEATURES, LABEL, h.alias("h"))
+            .withColumn("b1", F.pmod(F.xxhash64(F.lit(seed), "h"), F.lit(cfg.random_buckets)))
+            .withColumn("b2", F.pmod(F.xxhash64(F.lit(seed + 1), "h"), F.lit(cfg.random_buckets)))
+            .collect())
+    rows = [(tuple(r[FEATURES]), r[LABEL], r["h"], r["b1"], r["b2"]) for r in rows]
+
+    def number(subset, key):
+        groups = {}
+        for r in subset:
+            groups.setdefault(key(r), []).append(r)
+        offsets = group_offsets({g: len(v) for g, v in groups.items()})
+        out = []
+        for g, members in groups.items():
+            members.sort(key=lambda r: (r[2], r[0], r[1]))
+            out += [(r, offsets[g] + pos, pos, g) for pos, r in enumerate(members)]
+        return out
+
+    split_key = (lambda r: r[1]) if cfg.split == "stratified" else (lambda r: r[3])
+    shard_key = (lambda r: r[1]) if cfg.sharding == "stratified" else (lambda r: r[4])
+    val = []
+    train = list(rows)
+    if cfg.val_fraction > 0:
+        numbered = number(rows, split_key)
+        sizes = {}
+        for _, _, _, g in numbered:
+            sizes[g] = sizes.get(g, 0) + 1
+        quota = {g: validation_quota(c, cfg.val_fraction) for g, c in sizes.items()}
+        val_n = validation_quota(len(rows), cfg.val_fraction)
+        is_val = ((lambda row, pos, g: pos < quota[g]) if cfg.split == "stratified"
+                  else (lambda row, pos, g: row < val_n))
+        val = [r for r, row, pos, g in numbered if is_val(row, pos, g)]
+        train = [r for r, row, pos, g in numbered if not is_val(row, pos, g)]
+    out = []
+    for split, subset in ((0, train), (1, val)):
+        out += [(r[0], r[1], row, row % num_shards, split) for r, row, _, _ in number(subset, shard_key)]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("split, sharding, val_fraction", [
+    ("stratified", "stratified", 0.2), ("stratified", "stratified", 0.0),
+    ("random", "random", 0.25), ("stratified", "random", 0.2), ("random", "stratified", 0.2)])
+def test_one_shard_per_rank_follows_the_numbering_rule_exactly(spark, imbalanced, split, sharding,
+                                                               val_fraction):
+    # Duplicated rows tie on the hash: their order among themselves cannot show.
+    df = imbalanced.unionByName(imbalanced.limit(40))
+    cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y", val_fraction=val_fraction,
+                     split=split, sharding=sharding, random_buckets=7)
+    prepared = prepare(spark, df, cfg, N, seed=5)
+    got = prepared.frame.select(F.spark_partition_id().alias("p"), FEATURES, LABEL, ROW, SHARD,
+                                SPLIT).collect()
+    assert sorted((tuple(r[FEATURES]), r[LABEL], r[ROW], r[SHARD], r[SPLIT]) for r in got) == \
+        _reference_numbering(spark, df, cfg, N, 5)
+    assert all(r["p"] == r[SHARD] for r in got)
+    for p in range(N):  # storage order within a partition: (split, row)
+        keys = [(r[SPLIT], r[ROW]) for r in got if r["p"] == p]
+        assert keys == sorted(keys)
+    prepared.release()
+
+
+def test_a_layout_with_several_shards_per_rank(spark, imbalanced):
+    from sparkml_dist.data.layout import DataLayout
+
+    cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y", val_fraction=0.2)
+    layout = DataLayout(5, ((1, 3), (), (0, 2, 4)))
+    many = _prepare(spark, imbalanced, cfg, layout, seed=5)
+    flat = prepare(spark, imbalanced, cfg, 5, seed=5)  # the same 5 shards, one per rank
+    assert many.num_workers == 3 and many.layout == layout
+    assert many.frame.rdd.getNumPartitions() == 3
+    assert many.train_shard_sizes == flat.train_shard_sizes and len(many.train_shard_sizes) == 5
+    assert many.val_shard_sizes == flat.val_shard_sizes
+    cols = [F.spark_partition_id().alias("p"), FEATURES, LABEL, ROW, SHARD, SPLIT]
+    got = many.frame.select(*cols).collect()
+    for r in got:
+        assert r["p"] == layout.rank_of_shard(r[SHARD])
+    for p in range(3):  # sorted by (shard, split, row) within the partition
+        keys = [(r[SHARD], r[SPLIT], r[ROW]) for r in got if r["p"] == p]
+        assert keys == sorted(keys)
+    key = lambda rows: sorted((tuple(r[FEATURES]), r[LABEL], r[ROW], r[SHARD], r[SPLIT])  # noqa: E731
+                              for r in rows)
+    assert key(got) == key(flat.frame.collect())
+    many.release()
+    flat.release()
+
+
+def test_assemble_counts_classes_keeps_columns_and_examples(spark, imbalanced):
+    from sparkml_dist.spark.prepare import assemble
+
+    cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y")
+    a = assemble(spark, imbalanced, cfg, keep=("y",))
+    assert a.classes == ("a", "b", "c") and a.rows == 620 and a.dropped_rows == 0
+    assert a.class_counts == {"a": 500, "b": 97, "c": 23}
+    assert a.in_features == 2 and a.num_outputs == 3
+    assert a.frame.columns == [FEATURES, LABEL, "y"]
+    rows = a.frame.collect()
+    assert all(a.classes[r[LABEL]] == r["y"] for r in rows)
+    source = {(r["x1"], r["x2"]) for r in imbalanced.collect()}
+    assert 1 <= len(a.example_features) <= 5 and a.example_features.shape[1] == 2
+    assert a.example_features.dtype == np.float32
+    f32 = {tuple(np.float32(v) for v in s) for s in source}
+    assert all(tuple(e) in f32 for e in a.example_features)
+    with pytest.raises(DataError, match=r"column 'zz' to keep not found"):
+        assemble(spark, imbalanced, cfg, keep=("zz",))

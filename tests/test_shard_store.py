@@ -49,3 +49,54 @@ def test_rows_of_another_shard_are_rejected():
     b.expected_shard = 0
     with pytest.raises(AssertionError, match="rank 0 received rows of shard 1"):
         b.extend(batches)
+
+
+def _shard_batches(shards, n=600, width=4, batch=50):
+    """Rows 0..n-1 of the given shards (row % 3 picks the shard), sorted by (shard, split, row)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(n, width)).astype(np.float32)
+    shard = (np.arange(n) % 3).astype(np.int32)
+    split = (np.arange(n) % 7 == 0).astype(np.int8)
+    keep = np.isin(shard, shards)
+    order = np.lexsort((np.arange(n), split, shard))
+    order = order[keep[order]]
+    out = []
+    for s in range(0, len(order), batch):
+        i = order[s:s + batch]
+        out.append(pa.RecordBatch.from_arrays(
+            [pa.array(list(x[i]), type=pa.list_(pa.float32())), pa.array(np.arange(n)[i] * 10),
+             pa.array(np.arange(n)[i]), pa.array(shard[i]), pa.array(split[i])],
+            names=[FEATURES, LABEL, ROW, SHARD, SPLIT]))
+    return x, shard, split, out
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 2048])
+def test_builder_splits_several_shards_and_keeps_empty_ones(budget, tmp_path):
+    x, shard, split, batches = _shard_batches((0, 2))
+    b = ShardBuilder(4, budget, str(tmp_path), expected_shards=(0, 1, 2))
+    stores = b.extend(batches).finish_shards()
+    assert sorted(stores) == [0, 1, 2]
+    assert len(stores[1][0]) == 0 and len(stores[1][1]) == 0  # expected but absent: empty
+    for s in (0, 2):
+        for sp in (0, 1):
+            rows = np.flatnonzero((shard == s) & (split == sp))
+            store = stores[s][sp]
+            np.testing.assert_array_equal(store.row_ids(), rows)
+            gx, gy = store.gather(np.arange(len(store))[::-1])
+            np.testing.assert_array_equal(gx.numpy(), x[rows][::-1])
+            np.testing.assert_array_equal(gy.numpy(), rows[::-1] * 10)
+
+
+def test_builder_rejects_shards_outside_its_set_and_finish_needs_one():
+    *_, batches = _shard_batches((0, 1, 2))
+    with pytest.raises(AssertionError, match=r"a rank of shards \(0, 2\) received rows of shard 1"):
+        ShardBuilder(4, 1 << 30, expected_shards=(0, 2)).extend(batches)
+    b = ShardBuilder(4, 1 << 30, expected_shards=(0, 1, 2)).extend(batches)
+    assert b.expected_shards == (0, 1, 2)
+    with pytest.raises(ValueError, match=r"call finish_shards\(\)"):
+        b.finish()
+    one = ShardBuilder(4, 1 << 30)
+    one.expected_shard = 1  # the single-shard alias
+    assert one.expected_shards == (1,)
+    train, val = one.extend(_shard_batches((1,))[3]).finish()
+    assert len(train) + len(val) == 200

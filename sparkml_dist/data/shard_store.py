@@ -110,10 +110,13 @@ def _chunk_from_batch(batch: pa.RecordBatch, width: int) -> _Chunk:
 
 
 class ShardBuilder:
-    """Collects a task's record batches into train and validation :class:`ShardStore`s."""
+    """Collects a task's record batches into train and validation :class:`ShardStore`s, per
+    shard: :meth:`finish_shards` for a rank that reads several shards of the data layout,
+    :meth:`finish` for one."""
 
     def __init__(self, width: int, memory_budget_bytes: int, spill_dir: str | None = None,
-                 label_type: pa.DataType = pa.int64()) -> None:
+                 label_type: pa.DataType = pa.int64(),
+                 expected_shards: tuple[int, ...] | None = None) -> None:
         self.width = width
         self.budget = memory_budget_bytes
         self.spill_dir = spill_dir
@@ -123,23 +126,52 @@ class ShardBuilder:
         self._writer: ipc.RecordBatchFileWriter | None = None
         self._sink: pa.NativeFile | None = None
         self._path: str | None = None
-        self.expected_shard: int | None = None
+        self.expected_shards: tuple[int, ...] | None = (
+            None if expected_shards is None else tuple(int(x) for x in expected_shards))
+        """The shards this task may receive (its rank's shards in the data layout); rows of any
+        other shard are an error. None accepts any shard."""
+
+    @property
+    def expected_shard(self) -> int | None:
+        """The one expected shard (alias of ``expected_shards`` with a single entry)."""
+        if self.expected_shards is None:
+            return None
+        if len(self.expected_shards) != 1:
+            raise ValueError(f"this builder expects shards {self.expected_shards}, not one; "
+                             "read expected_shards instead.")
+        return self.expected_shards[0]
+
+    @expected_shard.setter
+    def expected_shard(self, shard: int | None) -> None:
+        self.expected_shards = None if shard is None else (int(shard),)
 
     def _schema(self) -> pa.Schema:
         return pa.schema([(FEATURES, pa.list_(pa.float32())), (LABEL, self.label_type),
-                          (ROW, pa.int64()), (SPLIT, pa.int8())])
+                          (ROW, pa.int64()), (SHARD, pa.int32()), (SPLIT, pa.int8())])
+
+    def _shard_column(self, batch: pa.RecordBatch) -> pa.Array:
+        expected = self.expected_shards
+        if SHARD not in batch.schema.names:
+            if expected is not None and len(expected) > 1:
+                raise ValueError(f"batches carry no {SHARD} column, so rows cannot be assigned "
+                                 f"to the expected shards {expected}")
+            return pa.array(np.full(len(batch), expected[0] if expected else 0, np.int32))
+        col = batch.column(SHARD).cast(pa.int32())
+        if expected is not None:
+            shards = col.to_numpy(zero_copy_only=False)
+            bad = ~np.isin(shards, np.asarray(expected, dtype=np.int32))
+            if bad.any():
+                who = f"rank {expected[0]}" if len(expected) == 1 else f"a rank of shards {expected}"
+                raise AssertionError(f"{who} received rows of shard {int(shards[bad][0])}; "
+                                     "the shard-to-partition mapping is broken")
+        return col
 
     def _normalize(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if self.expected_shard is not None and SHARD in batch.schema.names:
-            shards = batch.column(SHARD).to_numpy(zero_copy_only=False)
-            if len(shards) and not np.all(shards == self.expected_shard):
-                bad = int(shards[shards != self.expected_shard][0])
-                raise AssertionError(f"rank {self.expected_shard} received rows of shard {bad}; "
-                                     "the shard-to-partition mapping is broken")
         return pa.RecordBatch.from_arrays(
             [batch.column(FEATURES).cast(pa.list_(pa.float32())),
              batch.column(LABEL).cast(self.label_type),
-             batch.column(ROW).cast(pa.int64()), batch.column(SPLIT).cast(pa.int8())],
+             batch.column(ROW).cast(pa.int64()), self._shard_column(batch),
+             batch.column(SPLIT).cast(pa.int8())],
             schema=self._schema())
 
     def add(self, batch: pa.RecordBatch) -> None:
@@ -173,8 +205,8 @@ class ShardBuilder:
             self.add(b)
         return self
 
-    def finish(self) -> tuple[ShardStore, ShardStore]:
-        """Return (train, validation) stores; spilled data is memory-mapped, not read."""
+    def _close(self) -> tuple[list[pa.RecordBatch], object]:
+        """The batches taken so far (memory-mapped if spilled) and what keeps them alive."""
         keepalive: object = self._batches
         batches: list[pa.RecordBatch] = self._batches
         if self._writer is not None:
@@ -186,11 +218,38 @@ class ShardBuilder:
             reader = ipc.open_file(source)
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
             keepalive = (source, batches)
+        return batches, keepalive
+
+    def finish_shards(self) -> dict[int, tuple[ShardStore, ShardStore]]:
+        """(train, validation) stores of every expected shard, empty ones included; spilled data
+        is memory-mapped, not read. Without ``expected_shards``: the shards that arrived."""
+        batches, keepalive = self._close()
+        shards = self.expected_shards
+        if shards is None:
+            shards = tuple(sorted({int(s) for b in batches
+                                   for s in np.unique(b.column(SHARD).to_numpy())}))
+        return {shard: self._stores_of(batches, keepalive, shard) for shard in shards}
+
+    def finish(self) -> tuple[ShardStore, ShardStore]:
+        """(train, validation) stores of the single expected shard (every row when no shard is
+        expected); spilled data is memory-mapped, not read."""
+        shards = self.expected_shards
+        if shards is not None and len(shards) != 1:
+            raise ValueError(f"finish() returns one shard but this builder expects shards "
+                             f"{shards}; call finish_shards().")
+        batches, keepalive = self._close()
+        return self._stores_of(batches, keepalive, None)
+
+    def _stores_of(self, batches: list[pa.RecordBatch], keepalive: object,
+                   shard: int | None) -> tuple[ShardStore, ShardStore]:
+        """Train and validation stores of one shard (None: of every row)."""
         stores = []
         for split in (0, 1):
             chunks = []
             for b in batches:
                 mask = b.column(SPLIT).to_numpy(zero_copy_only=False) == split
+                if shard is not None:
+                    mask &= b.column(SHARD).to_numpy(zero_copy_only=False) == shard
                 if mask.all():
                     chunks.append(_chunk_from_batch(b, self.width))
                 elif mask.any():

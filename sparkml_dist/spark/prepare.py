@@ -1,23 +1,38 @@
 """Driver-side data preparation: read, validate, split and shard, with DataFrame APIs only.
 
-Every step is a DataFrame operation (no ``SparkContext``/RDD), so it also runs through Spark
-Connect. Row numbering is a deterministic function of the rows' content and the seed (an
-``xxhash64`` ordering), so a relaunched attempt recomputes exactly the same shards.
+Two public stages:
+
+- :func:`assemble` reads and validates the data in ONE aggregate pass over the source (row count,
+  feature widths, null/NaN flags per column, rows per class, a few example rows) and returns an
+  :class:`Assembled` frame of ``__features`` (``array<float>``) and ``__label`` (class index or
+  float), plus any columns asked to be kept.
+- :func:`split_and_shard` numbers the rows (train/validation split, then shards), lays them out
+  as one partition per rank of a :class:`~sparkml_dist.data.layout.DataLayout`, and persists the
+  result: the source is read a second (and last) time to compute it, and every later step (the
+  barrier stage, a relaunch after a lost worker) reads the persisted frame.
+
+:func:`prepare` runs both. Every step is a DataFrame operation (no ``SparkContext``/RDD), so it
+also runs through Spark Connect. Row numbering is a deterministic function of the rows' content
+and the seed (an ``xxhash64`` ordering), so if persisted blocks are lost Spark recomputes exactly
+the same shards, and a relaunched attempt gets exactly the same data.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from sparkml_dist.config import DataConfig
-from sparkml_dist.data.sharding import group_offsets, validation_quota
+from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT
+from sparkml_dist.data.sharding import group_offsets, validation_quota
 from sparkml_dist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -28,6 +43,36 @@ _POS = "__pos"
 _KEY = "__key"
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType,
             T.DecimalType)
+_EXAMPLES = 5  # example rows kept from the first pass for the logged model's signature
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """Validated rows as ``__features`` (``array<float>``, all the same width) and ``__label``
+    (class index as ``long`` for classification, ``float`` for regression), invalid rows dropped
+    or rejected per ``data.on_invalid``. Nothing is persisted: ``frame`` is a plan over the
+    source."""
+
+    frame: DataFrame
+    """``__features``, ``__label`` and the ``keep`` columns, unchanged."""
+    in_features: int
+    """Width of every feature row."""
+    classes: tuple[Any, ...]
+    """Sorted distinct labels (classification); label index i means ``classes[i]``. Empty for
+    regression."""
+    rows: int
+    """Valid rows (after dropping invalid ones)."""
+    dropped_rows: int
+    """Rows dropped for null/NaN values (``data.on_invalid=drop``)."""
+    class_counts: dict[Any, int]
+    """Valid rows per class (classification), keyed by the original label; empty for regression."""
+    example_features: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+    """Up to five valid feature rows, ``(k, in_features)`` float32, taken in the first pass (for a
+    model's input example and signature without reading the data again)."""
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes) if self.classes else 1
 
 
 @dataclass(frozen=True)
@@ -35,21 +80,42 @@ class PreparedData:
     """The sharded DataFrame plus what ranks and the driver need to know about it."""
 
     frame: DataFrame
-    """Rows with ``__features``, ``__label``, ``__row``, ``__shard``, ``__split``; partition r
-    holds exactly shard r."""
+    """Rows with ``__features``, ``__label``, ``__row``, ``__shard``, ``__split``. It has
+    ``layout.world_size`` partitions; partition r holds exactly the rows of the shards of rank r,
+    sorted by (shard, split, row). Persisted: call :meth:`release` when the job ends."""
     num_workers: int
+    """World size (``layout.world_size``)."""
     in_features: int
     classes: tuple[Any, ...]
     """Sorted distinct labels (classification); label index i means ``classes[i]``."""
     train_shard_sizes: tuple[int, ...]
+    """Training rows per SHARD (length ``layout.num_shards``)."""
     val_shard_sizes: tuple[int, ...]
+    """Validation rows per SHARD (length ``layout.num_shards``)."""
     dropped_rows: int
     train_class_counts: dict[Any, int]
     val_class_counts: dict[Any, int]
+    layout: DataLayout
+    """Which shards each rank reads."""
+    example_features: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+    """A few feature rows collected in the first pass (the logged model's input example)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per preparation phase: ``assemble_s`` (the first pass), ``shard_s`` (numbering,
+    layout and persisting)."""
+    persisted: tuple[DataFrame, ...] = ()
+    """Frames this preparation persisted; :meth:`release` unpersists them."""
 
     @property
     def num_outputs(self) -> int:
         return len(self.classes) if self.classes else 1
+
+    def release(self) -> None:
+        """Drop the persisted data (call when the job ends or fails). Safe to call twice."""
+        for df in self.persisted:
+            try:
+                df.unpersist()
+            except Exception as exc:  # noqa: BLE001 - a stopped session has nothing to free
+                log.warning("could not unpersist the prepared data: %s", exc)
 
 
 def read_source(spark: SparkSession, cfg: DataConfig) -> DataFrame:
@@ -109,6 +175,8 @@ def _feature_columns(df: DataFrame, cfg: DataConfig) -> list[Column]:
     return exprs
 
 
+
+
 def _invalid_flags(df: DataFrame, cfg: DataConfig, label_numeric: bool) -> dict[str, Column]:
     """One boolean column per source column: is this row's value null or NaN?"""
     flags: dict[str, Column] = {}
@@ -124,151 +192,118 @@ def _invalid_flags(df: DataFrame, cfg: DataConfig, label_numeric: bool) -> dict[
     return flags
 
 
-def _hash_aligned_keys(spark: SparkSession, num_workers: int) -> list[int]:
-    """Integer keys k_r with ``pmod(hash(k_r), n) == r``: ``repartition(n, key)`` puts key k_r in
-    partition r, because Spark's hash partitioning uses the same Murmur3 hash."""
-    found: dict[int, int] = {}
-    span = 64 * num_workers
-    start = 0
-    while len(found) < num_workers:
-        rows = (spark.range(start, start + span)
-                .select(F.col("id").cast("int").alias("k"))
-                .select("k", F.expr(f"pmod(hash(k), {num_workers})").alias("p"))
-                .groupBy("p").agg(F.min("k").alias("k")).collect())
-        for r in rows:
-            found.setdefault(int(r["p"]), int(r["k"]))
-        start += span
-        assert start < 10_000_000, "could not find hash-aligned partition keys"
-    return [found[r] for r in range(num_workers)]
+def _first_pass(base: DataFrame, cfg: DataConfig, flags: dict[str, Column]) -> list[Any]:
+    """The one aggregate over the source: per label value (classification) or overall, the row
+    count, invalid counts per column, feature widths and a few example rows of valid rows."""
+    any_bad = F.lit(False)
+    for f in flags.values():
+        any_bad = any_bad | f
+    valid = ~any_bad
+    size = F.size(FEATURES)
+    lane = F.pmod(F.xxhash64(F.col(FEATURES)), F.lit(_EXAMPLES))
+    aggs = [F.count(F.lit(1)).alias("n"),
+            F.sum(valid.cast("long")).alias("valid"),
+            F.min(F.when(valid, size)).alias("wmin"), F.max(F.when(valid, size)).alias("wmax"),
+            *[F.sum(f.cast("long")).alias(f"bad_{i}") for i, f in enumerate(flags.values())],
+            *[F.first(F.when(valid & (lane == i), F.col(FEATURES)), ignorenulls=True)
+              .alias(f"ex_{i}") for i in range(_EXAMPLES)]]
+    if cfg.task == "classification":
+        return base.groupBy(F.col(cfg.label_col).alias(LABEL)).agg(*aggs).collect()
+    return base.agg(*aggs).collect()
 
 
-def _number_rows(df: DataFrame, group: Column) -> tuple[DataFrame, dict[Any, int]]:
-    """Give each row a global number ``__row``: groups laid out in sorted order, rows within a
-    group in content-hash order. Returns the frame and the row count of each group."""
-    from pyspark.sql.window import Window
+def assemble(spark: SparkSession, df: DataFrame, cfg: DataConfig, *,
+             keep: tuple[str, ...] = ()) -> Assembled:
+    """Validate ``df`` and turn it into ``__features``/``__label`` rows in one pass over it.
 
-    df = df.withColumn(_GROUP, group)
-    counts = {r[_GROUP]: int(r["count"]) for r in df.groupBy(_GROUP).count().collect()}
-    if not counts:  # an empty subset (e.g. no validation rows)
-        return df.withColumn(_POS, F.lit(0)).withColumn(ROW, F.lit(0).cast("long")), counts
-    offsets = group_offsets(counts)
-    w = Window.partitionBy(_GROUP).orderBy(_HASH, FEATURES, LABEL)
-    offset_map = F.create_map(*[x for k, v in offsets.items() for x in (F.lit(k), F.lit(v))])
-    numbered = (df.withColumn(_POS, F.row_number().over(w) - 1)
-                .withColumn(ROW, offset_map[F.col(_GROUP)] + F.col(_POS)))
-    return numbered, counts
+    Args:
+        spark: the session (classic or Spark Connect).
+        df: the source rows.
+        cfg: which columns are features and label, the task, and what to do with invalid rows.
+        keep: source columns carried through to ``Assembled.frame`` unchanged (e.g. a client id).
 
-
-def prepare(spark: SparkSession, df: DataFrame, cfg: DataConfig, num_workers: int,
-            seed: int) -> PreparedData:
-    """Validate ``df`` and lay it out as ``num_workers`` train+validation shards."""
+    Raises:
+        DataError: a missing or mistyped column, null/NaN values with ``on_invalid=error``, an
+            empty dataset, uneven feature widths, or a single class.
+    """
     exprs = _feature_columns(df, cfg)
+    missing = [c for c in keep if c not in df.columns]
+    if missing:
+        raise DataError(f"column {missing[0]!r} to keep not found; columns are: "
+                        f"{', '.join(df.columns)}.")
     label_type = df.schema[cfg.label_col].dataType
     label_numeric = isinstance(label_type, _NUMERIC)
     if cfg.task == "regression" and not label_numeric:
         raise DataError(f"label column {cfg.label_col!r} has type {label_type.simpleString()}; "
                         "regression needs a numeric label. Set data.task=classification?")
-    base = df.select(*[F.col(c) for c in dict.fromkeys(list(cfg.feature_cols) + [cfg.label_col])],
-                     *([F.col(cfg.features_col)] if cfg.features_col else []))
+    sources = list(dict.fromkeys(list(cfg.feature_cols) + [cfg.label_col]
+                                 + ([cfg.features_col] if cfg.features_col else []) + list(keep)))
+    base = df.select(*[F.col(c) for c in sources])
     base = base.withColumn(FEATURES, F.flatten(F.array(*exprs)) if len(exprs) > 1 else exprs[0])
     flags = _invalid_flags(base, cfg, label_numeric)
-    any_bad = F.lit(False)
-    for f in flags.values():
-        any_bad = any_bad | f
-    stats = base.agg(
-        F.count(F.lit(1)).alias("n"),
-        F.min(F.size(FEATURES)).alias("wmin"), F.max(F.size(FEATURES)).alias("wmax"),
-        F.sum(any_bad.cast("long")).alias("bad"),
-        *[F.sum(f.cast("long")).alias(f"bad_{i}") for i, f in enumerate(flags.values())],
-    ).collect()[0]
-    n, bad = int(stats["n"]), int(stats["bad"] or 0)
+    groups = _first_pass(base, cfg, flags)
+    n = sum(int(g["n"]) for g in groups)
     if n == 0:
         raise DataError("the dataset is empty (0 rows); check data.source and any filters.")
-    dropped = 0
+    valid_n = sum(int(g["valid"] or 0) for g in groups)
+    bad = n - valid_n
     if bad:
-        per_col = {name: int(stats[f"bad_{i}"] or 0) for i, name in enumerate(flags)}
+        per_col = {name: sum(int(g[f"bad_{i}"] or 0) for g in groups)
+                   for i, name in enumerate(flags)}
         detail = ", ".join(f"{k}: {v}" for k, v in per_col.items() if v)
         if cfg.on_invalid == "error":
             raise DataError(f"{bad} of {n} rows have null or NaN values ({detail}). Clean the data "
                             "or set data.on_invalid=drop to drop those rows.")
-        base = base.where(~any_bad)
-        dropped, n = bad, n - bad
         log.warning("dropped %d rows with null or NaN values (%s); %d rows remain",
-                    dropped, detail, n)
-        if n == 0:
+                    bad, detail, valid_n)
+        if valid_n == 0:
             raise DataError("every row had a null or NaN value; nothing is left to train on.")
-        stats = base.agg(F.min(F.size(FEATURES)).alias("wmin"),
-                         F.max(F.size(FEATURES)).alias("wmax")).collect()[0]
-    wmin, wmax = int(stats["wmin"]), int(stats["wmax"])
+        any_bad = F.lit(False)
+        for f in flags.values():
+            any_bad = any_bad | f
+        base = base.where(~any_bad)
+    live = [g for g in groups if g["valid"]]
+    wmin = min(int(g["wmin"]) for g in live)
+    wmax = max(int(g["wmax"]) for g in live)
     if wmin != wmax or wmin == 0:
         raise DataError(f"feature rows must all have the same width; widths range from {wmin} to "
                         f"{wmax}. Pad or filter the rows of data.features_col.")
-    base = base.withColumn(LABEL, F.col(cfg.label_col))
-
     classes: tuple[Any, ...] = ()
+    class_counts: dict[Any, int] = {}
     if cfg.task == "classification":
-        classes = tuple(sorted((r[0] for r in base.select(LABEL).distinct().collect()),
-                               key=lambda v: (str(type(v)), v)))
+        live.sort(key=lambda g: (str(type(g[LABEL])), g[LABEL]))
+        classes = tuple(g[LABEL] for g in live)
+        class_counts = {g[LABEL]: int(g["valid"]) for g in live}
         if len(classes) < 2:
             raise DataError(f"label column {cfg.label_col!r} has a single class {classes!r}; "
                             "classification (and stratified split/sharding) needs at least 2.")
         index = F.create_map(*[x for i, c in enumerate(classes) for x in (F.lit(c), F.lit(i))])
-        base = base.withColumn(LABEL, index[F.col(LABEL)].cast("long"))
+        label = index[F.col(cfg.label_col)].cast("long")
     else:
-        base = base.withColumn(LABEL, F.col(LABEL).cast("float"))
-    base = base.select(FEATURES, LABEL).withColumn(
-        _HASH, F.xxhash64(F.lit(seed), F.col(FEATURES), F.col(LABEL)))
+        label = F.col(cfg.label_col).cast("float")
+    examples = [g[f"ex_{i}"] for g in live for i in range(_EXAMPLES) if g[f"ex_{i}"] is not None]
+    frame = base.select(F.col(FEATURES), label.alias(LABEL), *[F.col(c) for c in keep])
+    return Assembled(frame=frame, in_features=wmin, classes=classes, rows=valid_n,
+                     dropped_rows=bad, class_counts=class_counts,
+                     example_features=np.asarray(examples[:_EXAMPLES], dtype=np.float32))
 
-    val_n = 0
-    if cfg.val_fraction > 0:
-        split_group = _group_col(cfg.split, cfg.random_buckets, seed)
-        numbered, counts = _number_rows(base, split_group)
-        if cfg.split == "stratified":
-            quota = {k: validation_quota(v, cfg.val_fraction) for k, v in counts.items()}
-            qmap = F.create_map(*[x for k, v in quota.items() for x in (F.lit(k), F.lit(v))])
-            is_val = F.col(_POS) < qmap[F.col(_GROUP)]
-            val_n = sum(quota.values())
-        else:
-            val_n = validation_quota(n, cfg.val_fraction)
-            is_val = F.col(ROW) < val_n
-        base = numbered.withColumn(SPLIT, is_val.cast("byte")).select(FEATURES, LABEL, _HASH, SPLIT)
-    else:
-        base = base.withColumn(SPLIT, F.lit(0).cast("byte"))
-    train_n = n - val_n
-    if train_n < num_workers:
-        raise DataError(f"{train_n} training rows for training.num_workers={num_workers}: every "
-                        "worker needs at least one row. Lower training.num_workers or "
-                        "data.val_fraction, or add data.")
 
-    parts = []
-    class_counts: list[dict[Any, int]] = []
-    for split in (0, 1):
-        subset = base.where(F.col(SPLIT) == split)
-        shard_group = _group_col(cfg.sharding, cfg.random_buckets, seed + 1)
-        numbered, counts = _number_rows(subset, shard_group)
-        label_counts = ({classes[int(k)]: v for k, v in counts.items()}
-                        if cfg.sharding == "stratified" else {})
-        class_counts.append(label_counts)
-        parts.append(numbered.withColumn(SHARD, (F.col(ROW) % num_workers).cast("int")))
-    keys = _hash_aligned_keys(spark, num_workers)
-    key_map = F.create_map(*[x for r, k in enumerate(keys) for x in (F.lit(r), F.lit(k))])
-    frame = (parts[0].unionByName(parts[1])
-             .select(FEATURES, LABEL, F.col(ROW).cast("long").alias(ROW), SHARD, SPLIT)
-             .withColumn(_KEY, key_map[F.col(SHARD)])
-             .repartition(num_workers, F.col(_KEY))
-             .sortWithinPartitions(SPLIT, ROW)
-             .drop(_KEY))
-
-    def sizes(total: int) -> tuple[int, ...]:
-        return tuple(total // num_workers + (1 if r < total % num_workers else 0)
-                     for r in range(num_workers))
-
-    log.info("prepared %d rows (%d train, %d validation, %d dropped) of width %d into %d shards",
-             n, train_n, val_n, dropped, wmin, num_workers)
-    return PreparedData(frame=frame, num_workers=num_workers, in_features=wmin, classes=classes,
-                        train_shard_sizes=sizes(train_n), val_shard_sizes=sizes(val_n),
-                        dropped_rows=dropped, train_class_counts=class_counts[0],
-                        val_class_counts=class_counts[1])
+def _hash_aligned_keys(spark: SparkSession, num_partitions: int) -> list[int]:
+    """Integer keys k_r with ``pmod(hash(k_r), n) == r``: ``repartition(n, key)`` puts key k_r in
+    partition r, because Spark's hash partitioning uses the same Murmur3 hash."""
+    found: dict[int, int] = {}
+    span = 64 * num_partitions
+    start = 0
+    while len(found) < num_partitions:
+        rows = (spark.range(start, start + span)
+                .select(F.col("id").cast("int").alias("k"))
+                .select("k", F.expr(f"pmod(hash(k), {num_partitions})").alias("p"))
+                .groupBy("p").agg(F.min("k").alias("k")).collect())
+        for r in rows:
+            found.setdefault(int(r["p"]), int(r["k"]))
+        start += span
+        assert start < 10_000_000, "could not find hash-aligned partition keys"
+    return [found[r] for r in range(num_partitions)]
 
 
 def _group_col(mode: str, buckets: int, seed: int) -> Column:
@@ -276,3 +311,177 @@ def _group_col(mode: str, buckets: int, seed: int) -> Column:
     if mode == "stratified":
         return F.col(LABEL)
     return F.pmod(F.xxhash64(F.lit(seed), F.col(_HASH)), F.lit(buckets))
+
+
+def _lookup(mapping: dict[Any, int], key: Column) -> Column:
+    """``mapping[key]`` as a column (a literal map)."""
+    if not mapping:
+        return F.lit(0).cast("long")
+    return F.create_map(*[x for k, v in mapping.items() for x in (F.lit(k), F.lit(v))])[key]
+
+
+def _position(group: Column | list[Column]) -> Column:
+    """0-based position of a row within its group, in content-hash order."""
+    from pyspark.sql.window import Window
+
+    groups = group if isinstance(group, list) else [group]
+    w = Window.partitionBy(*groups).orderBy(_HASH, FEATURES, LABEL)
+    return F.row_number().over(w) - 1
+
+
+def _counts(df: DataFrame, *keys: str) -> dict[Any, int]:
+    """Rows per value of ``keys`` (a tuple key when several)."""
+    rows = df.groupBy(*keys).count().collect()
+    if len(keys) == 1:
+        return {r[keys[0]]: int(r["count"]) for r in rows}
+    return {tuple(r[k] for k in keys): int(r["count"]) for r in rows}
+
+
+def _persist(df: DataFrame) -> DataFrame:
+    from pyspark.storagelevel import StorageLevel
+
+    return df.persist(StorageLevel.MEMORY_AND_DISK)
+
+
+def _number_single_window(base: DataFrame, assembled: Assembled, cfg: DataConfig
+                          ) -> tuple[DataFrame, int, tuple[dict[Any, int], dict[Any, int]]]:
+    """Stratified sharding with a stratified split (or none): both numberings group by class and
+    order rows the same way, so one window computes them. A class's first ``quota`` rows are its
+    validation rows; its train rows keep their order, shifted down by ``quota``."""
+    counts = {i: assembled.class_counts[c] for i, c in enumerate(assembled.classes)}
+    vf = cfg.val_fraction
+    quota = {k: validation_quota(v, vf) if vf > 0 else 0 for k, v in counts.items()}
+    train = {k: v - quota[k] for k, v in counts.items()}
+    label, pos = F.col(LABEL), F.col(_POS)
+    q = _lookup(quota, label)
+    is_val = pos < q
+    row = F.when(is_val, _lookup(group_offsets(quota), label) + pos).otherwise(
+        _lookup(group_offsets(train), label) + pos - q)
+    numbered = (base.withColumn(_POS, _position(label))
+                .withColumn(SPLIT, is_val.cast("byte")).withColumn(ROW, row))
+    nonzero = lambda d: {k: v for k, v in d.items() if v}  # noqa: E731
+    return numbered, sum(quota.values()), (nonzero(train), nonzero(quota))
+
+
+def _number_two_windows(base: DataFrame, assembled: Assembled, cfg: DataConfig, seed: int,
+                        persisted: list[DataFrame]
+                        ) -> tuple[DataFrame, int, tuple[dict[Any, int], dict[Any, int]]]:
+    """Split numbering, then shard numbering within each split, when either groups by random
+    hash buckets. The split-numbered frame is persisted, so group counts and the second window
+    read it instead of the source."""
+    n, vf = assembled.rows, cfg.val_fraction
+    if vf > 0:
+        numbered = base.withColumn(_GROUP, _group_col(cfg.split, cfg.random_buckets, seed))
+        numbered = _persist(numbered.withColumn(_POS, _position(F.col(_GROUP))))
+        persisted.append(numbered)
+        group, pos = F.col(_GROUP), F.col(_POS)
+        if cfg.split == "stratified":
+            counts = {i: assembled.class_counts[c] for i, c in enumerate(assembled.classes)}
+            quota = {k: validation_quota(v, vf) for k, v in counts.items()}
+            is_val, val_n = pos < _lookup(quota, group), sum(quota.values())
+        else:
+            val_n = validation_quota(n, vf)
+            is_val = _lookup(group_offsets(_counts(numbered, _GROUP)), group) + pos < val_n
+        numbered = numbered.withColumn(SPLIT, is_val.cast("byte")).drop(_GROUP, _POS)
+    else:
+        numbered = _persist(base.withColumn(SPLIT, F.lit(0).cast("byte")))
+        persisted.append(numbered)
+        val_n = 0
+    numbered = numbered.withColumn(_GROUP, _group_col(cfg.sharding, cfg.random_buckets, seed + 1))
+    cells = _counts(numbered, SPLIT, _GROUP)
+    groups = {g for _, g in cells}
+    per_split = [{g: cells.get((s, g), 0) for g in groups} for s in (0, 1)]
+    offset = F.when(F.col(SPLIT) == 1, _lookup(group_offsets(per_split[1]), F.col(_GROUP))
+                    ).otherwise(_lookup(group_offsets(per_split[0]), F.col(_GROUP)))
+    numbered = numbered.withColumn(ROW, offset + _position([F.col(SPLIT), F.col(_GROUP)]))
+    nonzero = tuple({k: v for k, v in d.items() if v} for d in per_split)
+    return numbered, val_n, nonzero  # type: ignore[return-value]
+
+
+def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
+                    layout: DataLayout, seed: int) -> PreparedData:
+    """Split ``assembled`` into train/validation, deal rows to ``layout.num_shards`` shards and
+    lay them out as one partition per rank; persist and materialize the result.
+
+    Rows are numbered ``0..n-1`` per split: groups (classes when stratified, seeded hash buckets
+    when random) in sorted order, rows within a group in content-hash order; row ``g`` goes to
+    shard ``g % num_shards``. Partition r of the frame holds exactly the shards of rank r, sorted
+    by (shard, split, row). Release the result with :meth:`PreparedData.release`.
+    """
+    _check_layout(layout)
+    t0 = time.perf_counter()
+    num_shards, world = layout.num_shards, layout.world_size
+    base = assembled.frame.select(FEATURES, LABEL).withColumn(
+        _HASH, F.xxhash64(F.lit(seed), F.col(FEATURES), F.col(LABEL)))
+    persisted: list[DataFrame] = []
+    try:
+        if cfg.sharding == "stratified" and (cfg.val_fraction == 0 or cfg.split == "stratified"):
+            numbered, val_n, shard_counts = _number_single_window(base, assembled, cfg)
+        else:
+            numbered, val_n, shard_counts = _number_two_windows(base, assembled, cfg, seed,
+                                                                persisted)
+        train_n = assembled.rows - val_n
+        if train_n < num_shards:
+            who = (f"training.num_workers={world}: every worker" if num_shards == world
+                   else f"{num_shards} shards: every shard")
+            raise DataError(f"{train_n} training rows for {who} needs at least one row. Lower "
+                            "training.num_workers or data.val_fraction, or add data.")
+        keys = _hash_aligned_keys(spark, world)
+        rank_key = {s: keys[layout.rank_of_shard(s)] for s in range(num_shards)}
+        frame = (numbered.select(FEATURES, LABEL, F.col(ROW).cast("long").alias(ROW), SPLIT)
+                 .withColumn(SHARD, (F.col(ROW) % num_shards).cast("int"))
+                 .withColumn(_KEY, _lookup(rank_key, F.col(SHARD)))
+                 .repartition(world, F.col(_KEY))
+                 .sortWithinPartitions(SHARD, SPLIT, ROW)
+                 .select(FEATURES, LABEL, ROW, SHARD, SPLIT))
+        frame = _persist(frame)
+        persisted.insert(0, frame)
+        train_sizes, val_sizes = _deal(train_n, num_shards), _deal(val_n, num_shards)
+        cells = _counts(frame, SHARD, SPLIT)  # computes and stores the frame: the second pass
+        expected = {(s, sp): size for sp, sizes in ((0, train_sizes), (1, val_sizes))
+                    for s, size in enumerate(sizes) if size}
+        assert cells == expected, f"shard sizes {cells} differ from the dealt sizes {expected}"
+    except BaseException:
+        for df in persisted:
+            df.unpersist()
+        raise
+    for df in persisted[1:]:  # the intermediate numbering: the stored frame no longer needs it
+        df.unpersist()
+    classes = assembled.classes
+    named = [({classes[int(k)]: v for k, v in c.items()} if cfg.sharding == "stratified" else {})
+             for c in shard_counts]
+    log.info("prepared %d rows (%d train, %d validation, %d dropped) of width %d into %d shards "
+             "for %d ranks", assembled.rows, train_n, val_n, assembled.dropped_rows,
+             assembled.in_features, num_shards, world)
+    return PreparedData(frame=frame, num_workers=world, in_features=assembled.in_features,
+                        classes=classes, train_shard_sizes=train_sizes, val_shard_sizes=val_sizes,
+                        dropped_rows=assembled.dropped_rows, train_class_counts=named[0],
+                        val_class_counts=named[1], layout=layout,
+                        example_features=assembled.example_features,
+                        timings={"shard_s": time.perf_counter() - t0}, persisted=(frame,))
+
+
+def _check_layout(layout: Any) -> None:
+    if not isinstance(layout, DataLayout):
+        raise TypeError(f"layout must be a DataLayout; got {type(layout).__name__}. For one shard "
+                        "per rank pass DataLayout.one_per_rank(num_workers).")
+
+
+def _deal(total: int, num_shards: int) -> tuple[int, ...]:
+    """Rows per shard when rows 0..total-1 are dealt round-robin."""
+    return tuple(total // num_shards + (1 if s < total % num_shards else 0)
+                 for s in range(num_shards))
+
+
+def prepare(spark: SparkSession, df: DataFrame, cfg: DataConfig, layout: DataLayout,
+            seed: int) -> PreparedData:
+    """Validate ``df`` (:func:`assemble`) and lay it out as train+validation shards read by the
+    ranks of ``layout`` (:func:`split_and_shard`). The source is read twice; the result is
+    persisted until :meth:`PreparedData.release`."""
+    _check_layout(layout)
+    t0 = time.perf_counter()
+    assembled = assemble(spark, df, cfg)
+    assemble_s = time.perf_counter() - t0
+    prepared = split_and_shard(spark, assembled, cfg, layout, seed)
+    prepared.timings["assemble_s"] = assemble_s
+    return prepared
