@@ -29,9 +29,9 @@ def test_shard_store_gathers_rows_in_memory_and_spilled(budget, tmp_path):
     train, val = b.extend(batches).finish()
     assert (train.spilled_path is not None) == (budget == 4096)
     if train.spilled_path:
-        # Spilled to an Arrow IPC file in spill_dir, memory-mapped, and unlinked right away so
+        # Spilled to a raw float32 file in spill_dir, memory-mapped, and unlinked right away so
         # the space is freed when the task ends; the mapping keeps the data readable.
-        assert train.spilled_path.startswith(str(tmp_path)) and train.spilled_path.endswith(".arrow")
+        assert train.spilled_path.startswith(str(tmp_path)) and train.spilled_path.endswith(".f32")
         assert not list(tmp_path.glob("*.arrow"))
     tx, ty = x[split == 0], y[split == 0]
     assert len(train) == len(tx) and len(val) == int(split.sum())

@@ -1,10 +1,16 @@
 """A rank's shard, held once as Arrow buffers and reused across epochs.
 
 Record batches stream in from Spark (``mapInArrow``). Features arrive as one ``list<float>``
-column; their values buffers are viewed as ``(rows, width)`` numpy arrays without a copy. When a
-shard grows past a memory budget, every batch so far and every later one goes to an Arrow IPC file
-on local disk, which is then memory-mapped: the operating system pages it in, so a shard larger
-than RAM still trains. Batches for a step are gathered by row index into fresh tensors.
+column; their values buffers are viewed as ``(rows, width)`` numpy arrays without a copy, and each
+row is routed to the store of its (shard, split). When the rows held pass a memory budget, the
+features of every store so far and every later row go to one raw float32 file per store on local
+disk, which is then memory-mapped: the operating system pages it in, so a shard larger than RAM
+still trains (labels and row numbers, a few bytes a row, stay in memory).
+
+Each store ends as ONE contiguous ``(rows, width)`` array (in memory or mapped), so a batch is a
+single ``torch.index_select`` into a fresh tensor, as fast as indexing a tensor that was loaded
+whole. Finishing an in-memory store that arrived in several pieces copies them once into place;
+pieces are released as they are copied, so the peak stays near one copy of the shard.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import torch
 
 log = logging.getLogger(__name__)
@@ -36,61 +43,73 @@ class _Chunk:
     rows: np.ndarray      # (n,) int64 global row numbers, ascending
 
 
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``a``'s memory (read-only Arrow buffers included: only read from)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": never written
+        return torch.from_numpy(a)
+
+
+def _concat(parts: list[np.ndarray], shape_tail: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """One contiguous array of ``parts``, emptying the list as it copies (one piece alone: as is)."""
+    if len(parts) == 1:
+        return parts.pop()
+    out = np.empty((sum(len(p) for p in parts), *shape_tail), dtype=dtype)
+    at = 0
+    while parts:
+        p = parts.pop(0)
+        out[at:at + len(p)] = p
+        at += len(p)
+    return out
+
+
 class ShardStore:
-    """Rows of one split of one shard, in ascending global row order."""
+    """Rows of one split of one shard, in ascending global row order, stored contiguously."""
 
     def __init__(self, chunks: list[_Chunk], width: int, spilled_path: str | None = None,
-                 keepalive: object | None = None) -> None:
-        self._chunks = [c for c in chunks if len(c.rows)]
+                 keepalive: object | None = None, label_dtype: Any = None) -> None:
+        chunks = [c for c in chunks if len(c.rows)]
         self.width = width
         self.spilled_path = spilled_path
-        self._keepalive = keepalive  # the memory map / batches the views point into
-        sizes = [len(c.rows) for c in self._chunks]
-        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self.arrow_nbytes = sum(c.features.nbytes + c.labels.nbytes + c.rows.nbytes
-                                for c in self._chunks)
-        if len(self._chunks) > 1:
-            last = [c.rows[-1] for c in self._chunks[:-1]]
-            first = [c.rows[0] for c in self._chunks[1:]]
+        self._keepalive = keepalive  # e.g. the memory map the arrays point into
+        if len(chunks) > 1:
+            last = [c.rows[-1] for c in chunks[:-1]]
+            first = [c.rows[0] for c in chunks[1:]]
             assert all(a < b for a, b in zip(last, first)), "shard rows arrived out of order"
+        if chunks:
+            label_dtype = chunks[0].labels.dtype
+        label_dtype = np.dtype(np.int64 if label_dtype is None else label_dtype)
+        self.features = _concat([c.features for c in chunks] or
+                                [np.empty((0, width), np.float32)], (width,), np.float32)
+        self.labels = _concat([c.labels for c in chunks] or [np.empty(0, label_dtype)], (),
+                              label_dtype)
+        self.rows = _concat([c.rows for c in chunks] or [np.empty(0, np.int64)], (), np.int64)
+        self._x = _as_tensor(self.features)
+        self._y = _as_tensor(self.labels)
+        self.arrow_nbytes = self.features.nbytes + self.labels.nbytes + self.rows.nbytes
+
+    @property
+    def _chunks(self) -> list[_Chunk]:  # one contiguous chunk (benchmarks report the count)
+        return [_Chunk(self.features, self.labels, self.rows)] if len(self) else []
 
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return len(self.rows)
 
     def row_ids(self) -> np.ndarray:
         """Global row numbers of this shard's rows, in storage order."""
-        if not self._chunks:
-            return np.empty(0, dtype=np.int64)
-        return np.concatenate([c.rows for c in self._chunks])
+        return self.rows
 
     def gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of rows ``idx`` (positions in this shard), in that order."""
-        idx = np.asarray(idx, dtype=np.int64)
-        n = len(idx)
-        label_dtype = self._chunks[0].labels.dtype if self._chunks else np.int64
-        x = np.empty((n, self.width), dtype=np.float32)
-        y = np.empty(n, dtype=label_dtype)
-        if len(self._chunks) == 1:
-            c = self._chunks[0]
-            np.take(c.features, idx, axis=0, out=x)
-            np.take(c.labels, idx, out=y)
-        else:
-            # Group the requested rows by chunk once (a stable sort), then copy chunk by chunk.
-            which = np.searchsorted(self._offsets, idx, side="right") - 1
-            order = np.argsort(which, kind="stable")
-            bounds = np.searchsorted(which[order], np.arange(len(self._chunks) + 1))
-            for ci in range(len(self._chunks)):
-                sel = order[bounds[ci]:bounds[ci + 1]]
-                if len(sel):
-                    local = idx[sel] - self._offsets[ci]
-                    x[sel] = self._chunks[ci].features[local]
-                    y[sel] = self._chunks[ci].labels[local]
-        return torch.from_numpy(x), torch.from_numpy(y)
+        """Features and labels of rows ``idx`` (positions in this shard), in that order, as new
+        tensors."""
+        i = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        return torch.index_select(self._x, 0, i), torch.index_select(self._y, 0, i)
 
     def iter_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """All rows in storage order, ``batch_size`` at a time (for evaluation)."""
+        """All rows in storage order, ``batch_size`` at a time (for evaluation), as new tensors."""
         for start in range(0, len(self), batch_size):
-            yield self.gather(np.arange(start, min(start + batch_size, len(self))))
+            end = min(start + batch_size, len(self))
+            yield self._x[start:end].clone(), self._y[start:end].clone()
 
 
 def _chunk_from_batch(batch: pa.RecordBatch, width: int) -> _Chunk:
@@ -109,6 +128,47 @@ def _chunk_from_batch(batch: pa.RecordBatch, width: int) -> _Chunk:
     return _Chunk(x.reshape(len(batch), width), y, rows)
 
 
+class _Pieces:
+    """What has arrived for one (shard, split): in-memory pieces, or a spill file of features."""
+
+    def __init__(self) -> None:
+        self.features: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.rows: list[np.ndarray] = []
+        self.path: str | None = None
+        self.file: Any = None
+        self.spilled_rows = 0
+
+    def spill(self, spill_dir: str | None) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="sparkml_dist_shard_", suffix=".f32",
+                                         dir=spill_dir)
+        self.file = os.fdopen(fd, "wb")
+        for x in self.features:
+            self.write(x)
+        self.features = []
+
+    def write(self, x: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(x, dtype=np.float32).data)
+        self.spilled_rows += len(x)
+
+    def store(self, width: int, label_dtype: np.dtype) -> ShardStore:
+        labels = _concat(self.labels or [np.empty(0, label_dtype)], (), label_dtype)
+        rows = _concat(self.rows or [np.empty(0, np.int64)], (), np.int64)
+        if self.path is None:
+            features = _concat(self.features or [np.empty((0, width), np.float32)], (width,),
+                               np.float32)
+            return ShardStore([_Chunk(features, labels, rows)], width, label_dtype=label_dtype)
+        self.file.close()
+        if self.spilled_rows:
+            # Copy-on-write mapping: writable for torch, never written, paged in on demand.
+            features = np.memmap(self.path, np.float32, "c", shape=(self.spilled_rows, width))
+        else:
+            features = np.empty((0, width), np.float32)
+        os.unlink(self.path)  # the mapping stays valid; the disk space goes with the task
+        return ShardStore([_Chunk(features, labels, rows)], width, self.path, features,
+                          label_dtype)
+
+
 class ShardBuilder:
     """Collects a task's record batches into train and validation :class:`ShardStore`s, per
     shard: :meth:`finish_shards` for a rank that reads several shards of the data layout,
@@ -121,11 +181,9 @@ class ShardBuilder:
         self.budget = memory_budget_bytes
         self.spill_dir = spill_dir
         self.label_type = label_type
-        self._batches: list[pa.RecordBatch] = []
+        self._pieces: dict[tuple[int, int], _Pieces] = {}
         self._nbytes = 0
-        self._writer: ipc.RecordBatchFileWriter | None = None
-        self._sink: pa.NativeFile | None = None
-        self._path: str | None = None
+        self._spilled = False
         self.expected_shards: tuple[int, ...] | None = (
             None if expected_shards is None else tuple(int(x) for x in expected_shards))
         """The shards this task may receive (its rank's shards in the data layout); rows of any
@@ -145,59 +203,58 @@ class ShardBuilder:
     def expected_shard(self, shard: int | None) -> None:
         self.expected_shards = None if shard is None else (int(shard),)
 
-    def _schema(self) -> pa.Schema:
-        return pa.schema([(FEATURES, pa.list_(pa.float32())), (LABEL, self.label_type),
-                          (ROW, pa.int64()), (SHARD, pa.int32()), (SPLIT, pa.int8())])
-
-    def _shard_column(self, batch: pa.RecordBatch) -> pa.Array:
+    def _shards_of(self, batch: pa.RecordBatch) -> np.ndarray:
         expected = self.expected_shards
         if SHARD not in batch.schema.names:
             if expected is not None and len(expected) > 1:
                 raise ValueError(f"batches carry no {SHARD} column, so rows cannot be assigned "
                                  f"to the expected shards {expected}")
-            return pa.array(np.full(len(batch), expected[0] if expected else 0, np.int32))
-        col = batch.column(SHARD).cast(pa.int32())
+            return np.full(len(batch), expected[0] if expected else 0, np.int64)
+        shards = batch.column(SHARD).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         if expected is not None:
-            shards = col.to_numpy(zero_copy_only=False)
-            bad = ~np.isin(shards, np.asarray(expected, dtype=np.int32))
+            bad = ~np.isin(shards, np.asarray(expected, dtype=np.int64))
             if bad.any():
                 who = f"rank {expected[0]}" if len(expected) == 1 else f"a rank of shards {expected}"
                 raise AssertionError(f"{who} received rows of shard {int(shards[bad][0])}; "
                                      "the shard-to-partition mapping is broken")
-        return col
-
-    def _normalize(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        return pa.RecordBatch.from_arrays(
-            [batch.column(FEATURES).cast(pa.list_(pa.float32())),
-             batch.column(LABEL).cast(self.label_type),
-             batch.column(ROW).cast(pa.int64()), self._shard_column(batch),
-             batch.column(SPLIT).cast(pa.int8())],
-            schema=self._schema())
+        return shards
 
     def add(self, batch: pa.RecordBatch) -> None:
         """Take one record batch from the task's input stream."""
         if len(batch) == 0:
             return
-        batch = self._normalize(batch)
-        if self._writer is not None:
-            self._writer.write_batch(batch)
-            return
-        self._batches.append(batch)
-        self._nbytes += batch.nbytes
-        if self._nbytes > self.budget:
+        shards = self._shards_of(batch)
+        splits = batch.column(SPLIT).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        chunk = _chunk_from_batch(pa.RecordBatch.from_arrays(
+            [batch.column(FEATURES).cast(pa.list_(pa.float32())),
+             batch.column(LABEL).cast(self.label_type), batch.column(ROW)],
+            names=[FEATURES, LABEL, ROW]), self.width)
+        keys = shards * 2 + splits
+        if (keys == keys[0]).all():
+            parts = [(int(keys[0]), chunk)]
+        else:
+            parts = [(int(k), _Chunk(chunk.features[m], chunk.labels[m], chunk.rows[m]))
+                     for k in np.unique(keys) for m in [keys == k]]
+        for key, c in parts:
+            pieces = self._pieces.setdefault((key // 2, key % 2), _Pieces())
+            pieces.labels.append(c.labels)
+            pieces.rows.append(c.rows)
+            if self._spilled:
+                if pieces.file is None:
+                    pieces.spill(self.spill_dir)
+                pieces.write(c.features)
+            else:
+                pieces.features.append(c.features)
+            self._nbytes += c.features.nbytes + c.labels.nbytes + c.rows.nbytes
+        if not self._spilled and self._nbytes > self.budget:
             self._spill()
 
     def _spill(self) -> None:
-        fd, self._path = tempfile.mkstemp(prefix="sparkml_dist_shard_", suffix=".arrow",
-                                          dir=self.spill_dir)
-        os.close(fd)
-        self._sink = pa.OSFile(self._path, "wb")
-        self._writer = ipc.new_file(self._sink, self._schema())
-        for b in self._batches:
-            self._writer.write_batch(b)
-        log.info("shard passed its memory budget of %.1f MiB; spilling to %s",
-                 self.budget / 2**20, self._path)
-        self._batches = []
+        for pieces in self._pieces.values():
+            pieces.spill(self.spill_dir)
+        self._spilled = True
+        log.info("shard passed its memory budget of %.1f MiB; spilling features to %s",
+                 self.budget / 2**20, self.spill_dir or tempfile.gettempdir())
 
     def extend(self, batches: Iterable[pa.RecordBatch]) -> ShardBuilder:
         """Take every batch of an iterator."""
@@ -205,54 +262,28 @@ class ShardBuilder:
             self.add(b)
         return self
 
-    def _close(self) -> tuple[list[pa.RecordBatch], object]:
-        """The batches taken so far (memory-mapped if spilled) and what keeps them alive."""
-        keepalive: object = self._batches
-        batches: list[pa.RecordBatch] = self._batches
-        if self._writer is not None:
-            self._writer.close()
-            assert self._sink is not None
-            self._sink.close()
-            source = pa.memory_map(self._path, "r")
-            os.unlink(self._path)  # the mapping stays valid; the disk space goes with the task
-            reader = ipc.open_file(source)
-            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-            keepalive = (source, batches)
-        return batches, keepalive
+    def _store(self, shard: int, split: int) -> ShardStore:
+        pieces = self._pieces.pop((shard, split), None)
+        label_dtype = np.dtype(self.label_type.to_pandas_dtype())
+        if pieces is None:
+            return ShardStore([], self.width, label_dtype=label_dtype)
+        return pieces.store(self.width, label_dtype)
 
     def finish_shards(self) -> dict[int, tuple[ShardStore, ShardStore]]:
         """(train, validation) stores of every expected shard, empty ones included; spilled data
         is memory-mapped, not read. Without ``expected_shards``: the shards that arrived."""
-        batches, keepalive = self._close()
         shards = self.expected_shards
         if shards is None:
-            shards = tuple(sorted({int(s) for b in batches
-                                   for s in np.unique(b.column(SHARD).to_numpy())}))
-        return {shard: self._stores_of(batches, keepalive, shard) for shard in shards}
+            shards = tuple(sorted({s for s, _ in self._pieces}))
+        return {s: (self._store(s, 0), self._store(s, 1)) for s in shards}
 
     def finish(self) -> tuple[ShardStore, ShardStore]:
-        """(train, validation) stores of the single expected shard (every row when no shard is
-        expected); spilled data is memory-mapped, not read."""
+        """(train, validation) stores of the single expected shard (of the one shard that arrived
+        when none is expected); spilled data is memory-mapped, not read."""
         shards = self.expected_shards
-        if shards is not None and len(shards) != 1:
-            raise ValueError(f"finish() returns one shard but this builder expects shards "
-                             f"{shards}; call finish_shards().")
-        batches, keepalive = self._close()
-        return self._stores_of(batches, keepalive, None)
-
-    def _stores_of(self, batches: list[pa.RecordBatch], keepalive: object,
-                   shard: int | None) -> tuple[ShardStore, ShardStore]:
-        """Train and validation stores of one shard (None: of every row)."""
-        stores = []
-        for split in (0, 1):
-            chunks = []
-            for b in batches:
-                mask = b.column(SPLIT).to_numpy(zero_copy_only=False) == split
-                if shard is not None:
-                    mask &= b.column(SHARD).to_numpy(zero_copy_only=False) == shard
-                if mask.all():
-                    chunks.append(_chunk_from_batch(b, self.width))
-                elif mask.any():
-                    chunks.append(_chunk_from_batch(b.filter(pa.array(mask)), self.width))
-            stores.append(ShardStore(chunks, self.width, self._path, keepalive))
-        return stores[0], stores[1]
+        if shards is None:
+            shards = tuple(sorted({s for s, _ in self._pieces})) or (0,)
+        if len(shards) != 1:
+            raise ValueError(f"finish() returns one shard but this builder expects (or received) "
+                             f"shards {shards}; call finish_shards().")
+        return self._store(shards[0], 0), self._store(shards[0], 1)
