@@ -1,0 +1,250 @@
+"""Cost that grows with the data: ``fit`` against the data path a TorchDistributor user writes.
+
+    python benchmarks/bench_scale.py [--rows 100000 1000000 4000000 16000000 --reps 3]
+
+For each size a Parquet of N rows x 32 float32 features (one ``array<float>`` column) and 10
+classes is written once (pyarrow, 8 files). Each round then runs, in the same ``local[2]``
+session (``spark.driver.memory`` as given, default Spark's own 1g):
+- ``fit``: 2 ranks, 1 epoch, batch 1024, MLP 32-64-10, default split (stratified 0.2), checkpoint
+  and model logging, a fresh SQLite MLflow store. Phase times from the run's metrics:
+  ``time/prepare_s`` (driver: read, validate, split, shard, persist), ``time/feed_s`` (rank 0:
+  shuffle read + Arrow feed into its shard store), ``train_s`` (median ``time/step_s`` x steps),
+  ``time/finish_s`` (driver: after the barrier stage; model logging and plots).
+- ``peer``: ``count``, a class count, ``randomSplit([0.8, 0.2])``, ``repartition(2)`` of the
+  training part, write Parquet, then read each of the two shards back with pyarrow into torch.
+
+Reported per size (medians over rounds): fit wall, its phases, wall minus training, the peer's
+wall, their ratio, microseconds per row of fit's non-training time, and peak RSS of the driver
+(this Python process and the Spark JVM) and of every Python worker (descendant processes of the
+JVM, sampled every 0.25 s). ``other_s`` is what the phases leave out (pre-flight, MLflow run,
+barrier launch, rendezvous, validation, checkpoints). A warm-up round on 100,000 rows comes
+first. A size that fails is recorded as failed with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import setup_env, spark_session, summary, write_result
+
+setup_env()
+WIDTH = 32
+CLASSES = 10
+FILES = 8
+
+
+def write_data(rows: int, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(rows)
+    centers = rng.normal(size=(CLASSES, WIDTH)).astype(np.float32)
+    bounds = np.linspace(0, rows, FILES + 1).astype(int)
+    for i in range(FILES):
+        n = bounds[i + 1] - bounds[i]
+        y = rng.integers(0, CLASSES, n)
+        x = (centers[y] + rng.normal(size=(n, WIDTH)).astype(np.float32)).ravel()
+        table = pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(x), WIDTH)
+                          .cast(pa.list_(pa.float32())), "label": pa.array(y)})
+        pq.write_table(table, path / f"part-{i}.parquet", row_group_size=256_000)
+
+
+class RssSampler:
+    """Peak RSS of this process, the JVM and each of the JVM's descendant (Python worker)
+    processes, sampled in a background thread."""
+
+    def __init__(self, jvm_pid: int, interval_s: float = 0.25) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.jvm = psutil.Process(jvm_pid)
+        self.me = psutil.Process()
+        self.interval_s = interval_s
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _note(self, key: str, proc: Any) -> None:
+        try:
+            self.peaks[key] = max(self.peaks.get(key, 0), proc.memory_info().rss)
+        except self._psutil.Error:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._note("driver_python", self.me)
+            self._note("driver_jvm", self.jvm)
+            try:
+                children = self.jvm.children(recursive=True)
+            except self._psutil.Error:
+                children = []
+            for c in children:
+                self._note(f"worker_{c.pid}", c)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict[str, Any]:
+        workers = sorted((v for k, v in self.peaks.items() if k.startswith("worker_")),
+                         reverse=True)
+        return {"driver_python_mib": self.peaks.get("driver_python", 0) / 2**20,
+                "driver_jvm_mib": self.peaks.get("driver_jvm", 0) / 2**20,
+                "worker_peaks_mib": [w / 2**20 for w in workers[:6]],
+                "workers_seen": len(workers)}
+
+
+def run_fit(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    from sparkml_dist import JobConfig, fit
+
+    uri = f"sqlite:///{tmp / f'mlflow-{rep}.db'}"
+    cfg = JobConfig().replace(**{
+        "data.features_col": "features", "data.label_col": "label",
+        "model.factory": "sparkml_dist.models:mlp", "model.kwargs": {"hidden": [64]},
+        "training.num_workers": 2, "training.batch_size": 1024, "training.epochs": 1,
+        "tracking.tracking_uri": uri, "tracking.progress": False})
+    df = spark.read.parquet(str(data))
+    t0 = time.perf_counter()
+    result = fit(df, cfg, spark=spark)
+    wall = time.perf_counter() - t0
+    client = MlflowClient(uri)
+    metrics = client.get_run(result.run_id).data.metrics
+    step_s = [m.value for m in client.get_metric_history(result.run_id, "time/step_s")]
+    steps = metrics.get("progress/total_steps", 0.0)
+    train_s = statistics.median(step_s) * steps if step_s else float("nan")
+    return {"wall_s": wall, "prepare_s": metrics.get("time/prepare_s"),
+            "prepare_assemble_s": metrics.get("time/prepare_assemble_s"),
+            "prepare_shard_s": metrics.get("time/prepare_shard_s"),
+            "feed_s": metrics.get("time/feed_s"), "train_s": train_s,
+            "finish_s": metrics.get("time/finish_s"), "steps": steps,
+            "non_train_s": wall - train_s,
+            "other_s": wall - sum(metrics.get(k, 0.0) for k in
+                                  ("time/prepare_s", "time/feed_s", "time/finish_s")) - train_s,
+            "val_accuracy": metrics.get("val/accuracy")}
+
+
+def run_peer(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
+    """The data path of a TorchDistributor user, up to tensors in each rank's hands."""
+    import pyarrow.parquet as pq
+    import torch
+
+    out = tmp / f"peer-{rep}"
+    t0 = time.perf_counter()
+    df = spark.read.parquet(str(data))
+    n = df.count()
+    class_counts = {r["label"]: r["count"] for r in df.groupBy("label").count().collect()}
+    train, _val = df.randomSplit([0.8, 0.2], seed=rep)
+    train.repartition(2).write.parquet(str(out))
+    t_spark = time.perf_counter() - t0
+    shards = []
+    for part in sorted(out.glob("part-*.parquet")):
+        table = pq.read_table(part)
+        x = torch.from_numpy(table.column("features").combine_chunks().flatten().to_numpy()
+                             .reshape(-1, WIDTH))
+        y = torch.from_numpy(table.column("label").to_numpy())
+        shards.append((x, y))
+    wall = time.perf_counter() - t0
+    assert sum(len(y) for _, y in shards) <= n and len(class_counts) == CLASSES
+    shutil.rmtree(out, ignore_errors=True)
+    return {"wall_s": wall, "spark_s": t_spark, "read_s": wall - t_spark}
+
+
+def warm_up(spark, tmp: Path) -> None:
+    """One unrecorded round on 100,000 rows: JVM, Python workers, MLflow's first store."""
+    data = tmp / "data-warm-up"
+    write_data(100_000, data)
+    run_fit(spark, data, tmp, -1)
+    run_peer(spark, data, tmp, -1)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def bench_size(spark, rows: int, reps: int, tmp: Path, jvm_pid: int) -> dict[str, Any]:
+    data = tmp / f"data-{rows}"
+    t0 = time.perf_counter()
+    write_data(rows, data)
+    print(f"{rows:,} rows written in {time.perf_counter() - t0:.1f} s", flush=True)
+    fits, peers, rss = [], [], []
+    for rep in range(reps):
+        with RssSampler(jvm_pid) as sampler:
+            f = run_fit(spark, data, tmp, rep)
+        rss.append(sampler.report())
+        p = run_peer(spark, data, tmp, rep)
+        fits.append(f)
+        peers.append(p)
+        print(f"  {rows:,} round {rep}: fit {f['wall_s']:.1f} s (prepare {f['prepare_s']:.1f}, "
+              f"feed {f['feed_s'] or float('nan'):.1f}, train {f['train_s']:.1f}, finish "
+              f"{f['finish_s']:.1f}), peer {p['wall_s']:.1f} s; non-train / peer "
+              f"{f['non_train_s'] / p['wall_s']:.2f}", flush=True)
+    shutil.rmtree(data, ignore_errors=True)
+    keys = ("wall_s", "prepare_s", "prepare_assemble_s", "prepare_shard_s", "feed_s", "train_s",
+            "finish_s", "other_s", "non_train_s")
+    stats = {k: summary([f[k] for f in fits if f[k] is not None]) for k in keys
+             if any(f[k] is not None for f in fits)}
+    peer = {k: summary([p[k] for p in peers]) for k in ("wall_s", "spark_s", "read_s")}
+    ratios = sorted(f["non_train_s"] / p["wall_s"] for f, p in zip(fits, peers))
+    return {"rows": rows, "status": "ok", "fit": stats, "peer": peer,
+            "non_train_over_peer": {"median": statistics.median(ratios), "min": ratios[0],
+                                    "max": ratios[-1], "n": len(ratios)},
+            "non_train_us_per_row": stats["non_train_s"]["median"] / rows * 1e6,
+            "peak_rss": rss, "runs": {"fit": fits, "peer": peers}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 4_000_000,
+                                                           16_000_000])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--driver-memory", default="1g", help="spark.driver.memory (Spark's default)")
+    p.add_argument("--tmp", default=None, help="scratch directory (default: the system's)")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.tmp))
+    spark = spark_session("bench_scale", **{"spark.driver.memory": args.driver_memory,
+                                            "spark.sql.shuffle.partitions": "8"})
+    jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
+    sizes = []
+    try:
+        warm_up(spark, tmp)
+        for rows in args.rows:
+            try:
+                sizes.append(bench_size(spark, rows, args.reps, tmp, jvm_pid, ))
+            except Exception as exc:  # noqa: BLE001 - a size that fails is a result too
+                print(f"{rows:,} rows failed: {type(exc).__name__}: {str(exc)[:2000]}")
+                sizes.append({"rows": rows, "status": "failed",
+                              "error": f"{type(exc).__name__}: {str(exc)[:4000]}"})
+                shutil.rmtree(tmp / f"data-{rows}", ignore_errors=True)
+            record = {"config": {"rows": args.rows, "width": WIDTH, "classes": CLASSES,
+                                 "ranks": 2, "reps": args.reps, "batch_size": 1024,
+                                 "epochs": 1, "driver_memory": args.driver_memory,
+                                 "shuffle_partitions": 8},
+                      "sizes": sizes}
+        ok = [s for s in sizes if s["status"] == "ok"]
+        for s in ok:
+            print(f"{s['rows']:,}: fit {s['fit']['wall_s']['median']:.1f} s, non-train "
+                  f"{s['fit']['non_train_s']['median']:.1f} s "
+                  f"({s['non_train_us_per_row']:.2f} us/row), peer "
+                  f"{s['peer']['wall_s']['median']:.1f} s, ratio "
+                  f"{s['non_train_over_peer']['median']:.2f}")
+        print(f"appended to {write_result('scale', record)}")
+    finally:
+        spark.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
