@@ -9,7 +9,7 @@ two Parquet files (one per rank). Each round runs, in this order:
   True)``; in each task the library's ``ShardBuilder`` takes the Arrow batches and ``finish()``es a
   ``ShardStore``, then one full pass of ``gather()`` over a random permutation.
 - ``spark_spilled``: the same with a 8 MiB memory budget, so the shard goes to a memory-mapped
-  Arrow IPC file.
+  raw float32 file (one contiguous array).
 - ``pyarrow``: two processes at once, each ``pq.read_table`` of its file, ``to_numpy`` and
   ``torch.from_numpy``, then the same gather pass with ``torch.index_select`` (plain ``x[idx]``
   advanced indexing is several times slower on CPU).
@@ -108,8 +108,6 @@ def feed_task(budget_bytes: int, gather_batch: int, batches: Iterator) -> Iterat
            "total_s": t_built + t_gather, "arrow_nbytes": train.arrow_nbytes,
            "chunks": len(train._chunks), "spilled": train.spilled_path is not None,
            **_memory_delta(mem)}
-    if train.spilled_path:  # the library leaves spill files behind; do not fill /tmp
-        os.unlink(train.spilled_path)
     yield pa.RecordBatch.from_pylist([{"r": json.dumps(out)}])
 
 

@@ -126,7 +126,9 @@ def test_sources_table_and_every_file_format(spark, tmp_path, fmt):
     df = spark.createDataFrame([(float(i), float(i % 3), i % 2) for i in range(12)],
                                "a double, b double, label int")
     if fmt == "table":
-        df.write.mode("overwrite").saveAsTable("sparkml_dist_src")
+        # An external table in tmp_path: nothing left in the working directory's warehouse.
+        df.write.mode("overwrite").option("path", str(tmp_path / "table")).saveAsTable(
+            "sparkml_dist_src")
         source = "sparkml_dist_src"
     else:
         source = str(tmp_path / f"data.{fmt}")
@@ -187,7 +189,8 @@ def _reference_numbering(spark, df, cfg, num_shards, seed):
         train = [r for r, row, pos, g in numbered if not is_val(row, pos, g)]
     out = []
     for split, subset in ((0, train), (1, val)):
-        out += [(r[0], r[1], row, row % num_shards, split) for r, row, _, _ in number(subset, shard_key)]
+        out += [(r[0], r[1], row, row % num_shards, split)
+                for r, row, _, _ in number(subset, shard_key)]
     return sorted(out)
 
 
@@ -230,14 +233,15 @@ def test_a_layout_with_several_shards_per_rank(spark, imbalanced):
     for p in range(3):  # sorted by (shard, split, row) within the partition
         keys = [(r[SHARD], r[SPLIT], r[ROW]) for r in got if r["p"] == p]
         assert keys == sorted(keys)
-    key = lambda rows: sorted((tuple(r[FEATURES]), r[LABEL], r[ROW], r[SHARD], r[SPLIT])  # noqa: E731
-                              for r in rows)
+    def key(rows):
+        return sorted((tuple(r[FEATURES]), r[LABEL], r[ROW], r[SHARD], r[SPLIT]) for r in rows)
+
     assert key(got) == key(flat.frame.collect())
     many.release()
     flat.release()
 
 
-def test_assemble_counts_classes_keeps_columns_and_examples(spark, imbalanced):
+def test_assemble_counts_classes_keeps_columns_and_examples_are_real_rows(spark, imbalanced):
     from sparkml_dist.spark.prepare import assemble
 
     cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y")
@@ -248,10 +252,11 @@ def test_assemble_counts_classes_keeps_columns_and_examples(spark, imbalanced):
     assert a.frame.columns == [FEATURES, LABEL, "y"]
     rows = a.frame.collect()
     assert all(a.classes[r[LABEL]] == r["y"] for r in rows)
-    source = {(r["x1"], r["x2"]) for r in imbalanced.collect()}
-    assert 1 <= len(a.example_features) <= 5 and a.example_features.shape[1] == 2
-    assert a.example_features.dtype == np.float32
-    f32 = {tuple(np.float32(v) for v in s) for s in source}
-    assert all(tuple(e) in f32 for e in a.example_features)
+    prepared = _prepare(spark, imbalanced, cfg, DataLayout.one_per_rank(2), seed=0)
+    source = {tuple(np.float32(v) for v in (r["x1"], r["x2"])) for r in imbalanced.collect()}
+    ex = prepared.example_features  # the logged model's input example: real rows
+    assert ex.shape == (5, 2) and ex.dtype == np.float32
+    assert all(tuple(e) in source for e in ex)
+    prepared.release()
     with pytest.raises(DataError, match=r"column 'zz' to keep not found"):
         assemble(spark, imbalanced, cfg, keep=("zz",))

@@ -3,7 +3,7 @@
 Two public stages:
 
 - :func:`assemble` reads and validates the data in ONE aggregate pass over the source (row count,
-  feature widths, null/NaN flags per column, rows per class, a few example rows) and returns an
+  feature widths, null/NaN flags per column, rows per class) and returns an
   :class:`Assembled` frame of ``__features`` (``array<float>``) and ``__label`` (class index or
   float), plus any columns asked to be kept.
 - :func:`split_and_shard` numbers the rows (train/validation split, then shards), lays them out
@@ -43,7 +43,7 @@ _POS = "__pos"
 _KEY = "__key"
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType,
             T.DecimalType)
-_EXAMPLES = 5  # example rows kept from the first pass for the logged model's signature
+_EXAMPLES = 5  # example rows read from the stored frame for the logged model's signature
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,6 @@ class Assembled:
     """Rows dropped for null/NaN values (``data.on_invalid=drop``)."""
     class_counts: dict[Any, int]
     """Valid rows per class (classification), keyed by the original label; empty for regression."""
-    example_features: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
-    """Up to five valid feature rows, ``(k, in_features)`` float32, taken in the first pass (for a
-    model's input example and signature without reading the data again)."""
 
     @property
     def num_outputs(self) -> int:
@@ -98,7 +95,8 @@ class PreparedData:
     layout: DataLayout
     """Which shards each rank reads."""
     example_features: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
-    """A few feature rows collected in the first pass (the logged model's input example)."""
+    """Up to five feature rows, ``(k, in_features)`` float32, read from the stored frame during
+    preparation: the logged model's input example, with no read of the data after training."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per preparation phase: ``assemble_s`` (the first pass), ``shard_s`` (numbering,
     layout and persisting)."""
@@ -194,19 +192,18 @@ def _invalid_flags(df: DataFrame, cfg: DataConfig, label_numeric: bool) -> dict[
 
 def _first_pass(base: DataFrame, cfg: DataConfig, flags: dict[str, Column]) -> list[Any]:
     """The one aggregate over the source: per label value (classification) or overall, the row
-    count, invalid counts per column, feature widths and a few example rows of valid rows."""
+    count, invalid counts per column and the feature widths of valid rows."""
     any_bad = F.lit(False)
     for f in flags.values():
         any_bad = any_bad | f
     valid = ~any_bad
     size = F.size(FEATURES)
-    lane = F.pmod(F.xxhash64(F.col(FEATURES)), F.lit(_EXAMPLES))
     aggs = [F.count(F.lit(1)).alias("n"),
             F.sum(valid.cast("long")).alias("valid"),
             F.min(F.when(valid, size)).alias("wmin"), F.max(F.when(valid, size)).alias("wmax"),
-            *[F.sum(f.cast("long")).alias(f"bad_{i}") for i, f in enumerate(flags.values())],
-            *[F.first(F.when(valid & (lane == i), F.col(FEATURES)), ignorenulls=True)
-              .alias(f"ex_{i}") for i in range(_EXAMPLES)]]
+            *[F.sum(f.cast("long")).alias(f"bad_{i}") for i, f in enumerate(flags.values())]]
+    # Only fixed-width aggregation buffers: Spark runs a (code-generated) hash aggregate. An
+    # array-valued one (e.g. first(features) for example rows) would make it sort every row.
     if cfg.task == "classification":
         return base.groupBy(F.col(cfg.label_col).alias(LABEL)).agg(*aggs).collect()
     return base.agg(*aggs).collect()
@@ -281,11 +278,9 @@ def assemble(spark: SparkSession, df: DataFrame, cfg: DataConfig, *,
         label = index[F.col(cfg.label_col)].cast("long")
     else:
         label = F.col(cfg.label_col).cast("float")
-    examples = [g[f"ex_{i}"] for g in live for i in range(_EXAMPLES) if g[f"ex_{i}"] is not None]
     frame = base.select(F.col(FEATURES), label.alias(LABEL), *[F.col(c) for c in keep])
     return Assembled(frame=frame, in_features=wmin, classes=classes, rows=valid_n,
-                     dropped_rows=bad, class_counts=class_counts,
-                     example_features=np.asarray(examples[:_EXAMPLES], dtype=np.float32))
+                     dropped_rows=bad, class_counts=class_counts)
 
 
 def _hash_aligned_keys(spark: SparkSession, num_partitions: int) -> list[int]:
@@ -340,7 +335,9 @@ def _counts(df: DataFrame, *keys: str) -> dict[Any, int]:
 def _persist(df: DataFrame) -> DataFrame:
     from pyspark.storagelevel import StorageLevel
 
-    return df.persist(StorageLevel.MEMORY_AND_DISK)
+    # On disk only: blocks stream to local files, so caching takes no heap (a 1g driver holds
+    # 16M rows) and the barrier stage and any relaunch read them back from the page cache.
+    return df.persist(StorageLevel.DISK_ONLY)
 
 
 def _number_single_window(base: DataFrame, assembled: Assembled, cfg: DataConfig
@@ -441,6 +438,7 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
         expected = {(s, sp): size for sp, sizes in ((0, train_sizes), (1, val_sizes))
                     for s, size in enumerate(sizes) if size}
         assert cells == expected, f"shard sizes {cells} differ from the dealt sizes {expected}"
+        examples = [r[0] for r in frame.select(FEATURES).limit(_EXAMPLES).collect()]
     except BaseException:
         for df in persisted:
             df.unpersist()
@@ -457,7 +455,7 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
                         classes=classes, train_shard_sizes=train_sizes, val_shard_sizes=val_sizes,
                         dropped_rows=assembled.dropped_rows, train_class_counts=named[0],
                         val_class_counts=named[1], layout=layout,
-                        example_features=assembled.example_features,
+                        example_features=np.asarray(examples, dtype=np.float32),
                         timings={"shard_s": time.perf_counter() - t0}, persisted=(frame,))
 
 
