@@ -8,6 +8,7 @@ a :class:`ConfigError` that names the valid keys. ``--set a.b=c`` overrides use 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -140,29 +141,110 @@ class TrainingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BackendConfig:
-    """How ranks talk: torch.distributed or Horovod, on CPU or GPU."""
+    """How ranks talk (transport only): torch.distributed or Horovod, on CPU or GPU.
+
+    How ranks *cooperate* over that transport (gradient averaging, compression, ...) is the
+    ``strategy:`` section's business.
+    """
 
     name: Literal["torch", "horovod"] = "torch"
-    """``torch`` (DistributedDataParallel) or ``horovod`` (hvd.DistributedOptimizer)."""
+    """``torch`` (torch.distributed: gloo on CPU, NCCL on GPU) or ``horovod``."""
     device: Literal["cpu", "cuda"] = "cpu"
     """``cpu`` uses gloo; ``cuda`` uses NCCL with the GPU Spark assigned to each task."""
     timeout_s: float = 300.0
     """Bound on every collective; a stuck peer becomes an error naming the rank."""
     rendezvous_timeout_s: float = 120.0
     """Bound on the barrier rendezvous (allGather of rank 0's address and store connect)."""
-    compression: Literal["none", "fp16"] = "none"
-    """Gradient compression on the wire (Horovod ``Compression.fp16``, or the DDP fp16 hook)."""
-    backward_passes_per_step: int = 1
-    """Horovod: local gradient accumulation passes before an allreduce."""
     fusion_threshold_mb: float = 64.0
     """Horovod tensor fusion buffer (HOROVOD_FUSION_THRESHOLD)."""
 
     def __post_init__(self) -> None:
-        _check(self.timeout_s > 0 and self.rendezvous_timeout_s > 0,
-               "backend.timeout_s and backend.rendezvous_timeout_s must be > 0.")
-        _check(self.backward_passes_per_step >= 1, "backend.backward_passes_per_step must be >= 1.")
-        _check(self.name == "horovod" or self.backward_passes_per_step == 1,
-               "backend.backward_passes_per_step applies to backend.name=horovod only.")
+        _check(math.isfinite(self.timeout_s) and math.isfinite(self.rendezvous_timeout_s)
+               and self.timeout_s > 0 and self.rendezvous_timeout_s > 0,
+               "backend.timeout_s and backend.rendezvous_timeout_s must be finite and > 0; got "
+               f"{self.timeout_s} and {self.rendezvous_timeout_s}.")
+        _check(math.isfinite(self.fusion_threshold_mb) and self.fusion_threshold_mb >= 0,
+               f"backend.fusion_threshold_mb must be finite and >= 0; got "
+               f"{self.fusion_threshold_mb}.")
+
+
+Compressor = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd", "auto"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressionConfig:
+    """Gradient compression on the wire, as a DDP communication hook (torch backend) or
+    Horovod's compression (``fp16`` only)."""
+
+    name: Compressor = "none"
+    """``none``; ``fp16``/``bf16`` (half-precision cast); ``int8`` (per-bucket scaled, sent with
+    all_gather); ``topk`` (largest-magnitude share with error feedback); ``powersgd`` (low-rank,
+    torch's hook); ``auto`` (measures the link at start-up and uses ``auto_candidate`` only where
+    it pays, else none)."""
+    topk_ratio: float = 0.01
+    """``topk``: share of each bucket's gradient entries sent per step, in (0, 1]."""
+    error_feedback: bool = True
+    """``topk``/``powersgd``: add what compression left out to the next step's gradient."""
+    powersgd_rank: int = 2
+    """``powersgd``: rank of the low-rank approximation (matrix_approximation_rank)."""
+    powersgd_warm_start: bool = True
+    """``powersgd``: reuse last step's factors as the start of the power iteration."""
+    powersgd_start_step: int = 10
+    """``powersgd``: plain allreduce for the first steps (>= 2: DDP rebuilds buckets at step 1)."""
+    powersgd_min_compression_rate: float = 2.0
+    """``powersgd``: compress a tensor only if this many times fewer numbers go on the wire."""
+    auto_candidate: Literal["fp16", "bf16", "int8", "topk", "powersgd"] = "fp16"
+    """``auto``: the compressor to use where the measured link makes it pay."""
+    auto_min_speedup: float = 1.1
+    """``auto``: use the candidate only if its estimated step communication is this much faster."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.topk_ratio <= 1,
+               f"strategy.compression.topk_ratio must be in (0, 1]; got {self.topk_ratio}.")
+        _check(self.powersgd_rank >= 1,
+               f"strategy.compression.powersgd_rank must be >= 1; got {self.powersgd_rank}.")
+        _check(self.powersgd_start_step >= 2,
+               "strategy.compression.powersgd_start_step must be >= 2 (DDP rebuilds its gradient "
+               f"buckets after the first step); got {self.powersgd_start_step}.")
+        _check(math.isfinite(self.powersgd_min_compression_rate)
+               and self.powersgd_min_compression_rate > 0,
+               "strategy.compression.powersgd_min_compression_rate must be > 0.")
+        _check(math.isfinite(self.auto_min_speedup) and self.auto_min_speedup >= 1.0,
+               f"strategy.compression.auto_min_speedup must be >= 1; got {self.auto_min_speedup}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallelConfig:
+    """``strategy.kind: data_parallel``: every rank holds the whole model and averages gradients
+    with a ring allreduce each step (DDP on the torch backend, Horovod's DistributedOptimizer on
+    the horovod backend). Resume is bitwise."""
+
+    kind: Literal["data_parallel"] = "data_parallel"
+    """Strategy discriminator."""
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """Gradient compression on the wire."""
+    backward_passes_per_step: int = 1
+    """Horovod only: local gradient accumulation passes before an allreduce."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size (MiB)."""
+    comm_timing_every_steps: int = 0
+    """Time gradient communication on every N-th step (``time/comm_s``); 0 turns timing off, so
+    uncompressed DDP runs torch's built-in allreduce with no Python hook at all."""
+
+    def __post_init__(self) -> None:
+        _check(self.backward_passes_per_step >= 1,
+               "strategy.backward_passes_per_step must be >= 1.")
+        _check(math.isfinite(self.bucket_cap_mb) and self.bucket_cap_mb > 0,
+               f"strategy.bucket_cap_mb must be > 0; got {self.bucket_cap_mb}.")
+        _check(self.comm_timing_every_steps >= 0,
+               "strategy.comm_timing_every_steps must be >= 0 (0 turns timing off).")
+
+
+StrategyConfig = DataParallelConfig
+"""The ``strategy:`` section: one frozen dataclass per kind, told apart by its ``kind`` field."""
+
+STRATEGY_KINDS: dict[str, type] = {"data_parallel": DataParallelConfig}
+"""``strategy.kind`` -> its config dataclass."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,20 +320,44 @@ class JobConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    strategy: StrategyConfig = field(default_factory=DataParallelConfig)
+    """How ranks cooperate; ``kind`` picks the strategy and the other keys are its settings."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        st = self.strategy
+        if isinstance(st, DataParallelConfig) and st.backward_passes_per_step > 1:
+            _check(self.backend.name == "horovod",
+                   "strategy.backward_passes_per_step applies to backend.name=horovod only.")
+
     def replace(self, **overrides: Any) -> JobConfig:
-        """Return a copy with dotted-path overrides, e.g. ``replace(**{"training.epochs": 3})``."""
-        return from_dict(apply_overrides(to_dict(self), overrides))
+        """Return a copy with dotted-path overrides, e.g. ``replace(**{"training.epochs": 3})``.
+
+        Setting ``strategy.kind`` to another kind starts that strategy from its defaults."""
+        values = to_dict(self)
+        kind = overrides.get("strategy.kind")
+        if kind is not None and kind != values["strategy"]["kind"]:
+            values["strategy"] = {"kind": kind}
+        return from_dict(apply_overrides(values, overrides))
 
     def flat(self) -> dict[str, str]:
-        """``{"training.epochs": "5", ...}``: the resolved config as MLflow params."""
+        """``{"training.epochs": "5", "strategy.compression.name": "none", ...}``: the resolved
+        config as MLflow params, nested sections flattened with dots."""
         out: dict[str, str] = {}
-        for section, values in to_dict(self).items():
-            for key, value in values.items():
-                out[f"{section}.{key}"] = str(value)
+
+        def walk(prefix: str, node: Any, cls: Any) -> None:
+            for key, value in node.items():
+                sub = getattr(cls, key, None) if cls is not None else None
+                if isinstance(value, dict) and dataclasses.is_dataclass(sub):
+                    walk(f"{prefix}{key}.", value, sub)
+                else:
+                    out[f"{prefix}{key}"] = str(value)
+
+        for section in dataclasses.fields(self):
+            walk(f"{section.name}.", to_dict(getattr(self, section.name)),
+                 getattr(self, section.name))
         return out
 
 
@@ -280,6 +386,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if _is_kind_union(tp):
+        return _coerce_kind(value, path)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -331,14 +439,40 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise AssertionError(f"unsupported config type {tp!r} at {path}")
 
 
+def _is_kind_union(tp: Any) -> bool:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) \
+        else (tp,)
+    return bool(args) and all(a in STRATEGY_KINDS.values() for a in args)
+
+
+def _coerce_kind(value: Any, path: str) -> Any:
+    """A strategy section: pick the dataclass by ``kind`` (default ``data_parallel``)."""
+    if isinstance(value, tuple(STRATEGY_KINDS.values())):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with a 'kind' key; got {value!r}.")
+    kind = value.get("kind", "data_parallel")
+    if kind not in STRATEGY_KINDS:
+        raise ConfigError(f"{path}.kind: {kind!r} is not one of "
+                          f"{', '.join(map(repr, STRATEGY_KINDS))}.")
+    return _build(STRATEGY_KINDS[kind], value, path)
+
+
+# Keys that moved to another section, so an old config fails with the new place named.
+_MOVED = {"backend.compression": "strategy.compression.name",
+          "backend.backward_passes_per_step": "strategy.backward_passes_per_step"}
+
+
 def _build(cls: type, values: Mapping[str, Any], path: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in values if k not in names]
     if unknown:
         where = f"{path}." if path else ""
+        moved = _MOVED.get(f"{where}{unknown[0]}")
+        hint = f" It moved: set {moved} instead." if moved else ""
         raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys"
-                          f"{' under ' + path if path else ''} are: {', '.join(names)}.")
+                          f"{' under ' + path if path else ''} are: {', '.join(names)}.{hint}")
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in values.items()}
     try:
         return cls(**kwargs)

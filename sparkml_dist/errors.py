@@ -34,3 +34,7 @@ class UserCodeError(SparkMLDistError, RuntimeError):
 # Marker carried inside a task's exception text so the driver can tell a deterministic user error
 # (stop now) from a lost worker or a broken collective (relaunch).
 USER_ERROR_MARKER = "[sparkml_dist:user-error]"
+
+
+class CheckpointError(SparkMLDistError, RuntimeError):
+    """A checkpoint cannot be resumed: unreadable, unsafe, or written by other settings."""

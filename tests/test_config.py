@@ -57,4 +57,5 @@ def test_validation_messages():
 def test_flat_params_cover_every_field():
     flat = JobConfig().flat()
     assert flat["training.epochs"] == "5" and flat["backend.name"] == "torch"
+    assert flat["strategy.kind"] == "data_parallel" and flat["strategy.compression.name"] == "none"
     assert "fault.inject" in flat and "tracking.tracking_uri" in flat

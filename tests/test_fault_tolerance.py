@@ -89,7 +89,7 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog):
     store.save(_state(1.0), _fields(10))
     store.save(_state(2.0), _fields(20))
     local = Path(client.get_run(run_id).info.artifact_uri.replace("file://", ""))
-    state_file = local / "checkpoints" / "ckpt-0000000020" / "state.pt"
+    state_file = local / "checkpoints" / "ckpt-0000000020" / "shared.pt"
     state_file.write_bytes(state_file.read_bytes()[:50])  # truncated on purpose
     with caplog.at_level(logging.WARNING):
         state, meta = store.load_latest()

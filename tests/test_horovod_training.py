@@ -15,7 +15,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from sparkml_dist import FitResult, JobConfig, final_state, fit, load_config
-from sparkml_dist.comm.horovod import HorovodOptimizer, import_horovod
+from sparkml_dist.comm.horovod import import_horovod
+from sparkml_dist.strategies.data_parallel.horovod_engine import HorovodOptimizer
 from sparkml_dist.errors import UserCodeError
 from tests.test_equivalence import job_config, reference_weights
 from tests.test_fault_tolerance import K as FT_EVERY_STEPS
@@ -93,7 +94,8 @@ def test_run_records_the_horovod_backend_and_its_settings(horovod_job):
     assert tags["horovod.compression"] == "none"
     assert tags["horovod.backward_passes_per_step"] == "1"
     assert tags["horovod.fusion_threshold_bytes"] == str(64 * 2**20)
-    assert params["backend.name"] == "horovod" and params["backend.compression"] == "none"
+    assert params["backend.name"] == "horovod"
+    assert params["strategy.compression.name"] == "none"
     # Gradient communication time is measured (synchronize() waits) and reported.
     comm = client.get_metric_history(run.info.run_id, "time/comm_s")
     assert comm and sum(m.value for m in comm) > 0
@@ -107,7 +109,7 @@ def test_fp16_compression_trains_digits_to_95_percent(spark, digits_path, tracki
         "model.kwargs": {"hidden": [256, 128]}, "optimizer.name": "adam",
         "optimizer.lr": 0.003, "optimizer.schedule": "cosine", "training.epochs": 20,
         "training.num_workers": 2,
-        "backend.name": "horovod", "backend.compression": "fp16",
+        "backend.name": "horovod", "strategy.compression.name": "fp16",
         "checkpoint.every_steps": 0, "tracking.tracking_uri": tracking_uri,
         "tracking.log_model": False, "tracking.progress": False})
     result = fit(config=cfg, spark=spark)
@@ -117,7 +119,7 @@ def test_fp16_compression_trains_digits_to_95_percent(spark, digits_path, tracki
     assert result.metrics["val/accuracy"] >= 0.95, result.metrics
     assert run.data.tags["sparkml_dist.backend"] == "horovod"
     assert run.data.tags["horovod.compression"] == "fp16"
-    assert run.data.params["backend.compression"] == "fp16"
+    assert run.data.params["strategy.compression.name"] == "fp16"
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,7 @@ def test_fit_tracked_by_mlflow_server(spark, mlflow_server, digits_path, tmp_pat
     assert on_disk == [Path(c).name for c in ckpts]
     for ckpt in ckpts:
         names = {Path(f.path).name for f in client.list_artifacts(res.run_id, ckpt)}
-        assert names == {"meta.json", "state.pt"}
+        assert names == {"meta.json", "shared.pt"}
     meta = json.loads(Path(client.download_artifacts(res.run_id, f"{ckpts[-1]}/meta.json",
                                                      str(tmp_path))).read_text())
     assert meta["steps_done"] == total

@@ -17,4 +17,4 @@ def create_communicator(cfg: BackendConfig, endpoint: Endpoint, store: object,
         return HorovodCommunicator(endpoint, device, cfg, store)
     from sparkml_dist.comm.torch_dist import TorchCommunicator
 
-    return TorchCommunicator(endpoint, device, fp16=cfg.compression == "fp16", store=store)
+    return TorchCommunicator(endpoint, device, store=store)

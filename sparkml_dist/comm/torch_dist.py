@@ -1,90 +1,64 @@
-"""torch.distributed backend: gloo on CPU, NCCL on GPU, DistributedDataParallel."""
+"""torch.distributed transport: gloo on CPU, NCCL on GPU.
 
-# No "from __future__ import annotations": DDP checks the hook's annotations at runtime.
+Collectives, batched point-to-point, subgroups and a device mesh over one process group per
+attempt. Every call is bounded by the group's timeout (``backend.timeout_s``).
+"""
+
+from __future__ import annotations
 
 import datetime
 import logging
-import threading
-import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sparkml_dist.comm.base import Endpoint
+from sparkml_dist.comm.base import BACKEND_CAPABILITIES, Endpoint, ReduceOp
 
 log = logging.getLogger(__name__)
 
-
-class _CommTimer:
-    """DDP comm-hook state: allreduces each gradient bucket and accumulates its wall time.
-
-    The time of a bucket runs from the hook's launch to the allreduce's completion, so with
-    DDP's overlap it is the time communication was in flight, which may overlap backward compute.
-    """
-
-    def __init__(self, process_group: "dist.ProcessGroup | None", fp16: bool) -> None:
-        self.process_group = process_group
-        self.fp16 = fp16
-        self._lock = threading.Lock()
-        self.seconds = 0.0
-
-    def add(self, dt: float) -> None:
-        with self._lock:
-            self.seconds += dt
-
-    def take(self) -> float:
-        with self._lock:
-            s, self.seconds = self.seconds, 0.0
-        return s
-
-
-def _timed_allreduce_hook(state: _CommTimer, bucket: dist.GradBucket
-                          ) -> torch.futures.Future[torch.Tensor]:
-    """Average a bucket across ranks (optionally as fp16 on the wire), timing it."""
-    t0 = time.perf_counter()
-    world = dist.get_world_size(state.process_group)
-    buf = bucket.buffer()
-    wire = buf.to(torch.float16) if state.fp16 else buf
-    wire.div_(world)
-    fut = dist.all_reduce(wire, group=state.process_group, async_op=True).get_future()
-
-    def done(f: "torch.futures.Future[list[torch.Tensor]]") -> torch.Tensor:
-        state.add(time.perf_counter() - t0)
-        out = f.value()[0]
-        if state.fp16:
-            buf.copy_(out)
-            return buf
-        return out
-
-    return fut.then(done)
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 class TorchCommunicator:
     """:class:`~sparkml_dist.comm.base.Communicator` over torch.distributed."""
 
     name = "torch"
+    capabilities = BACKEND_CAPABILITIES["torch"]
 
-    def __init__(self, endpoint: Endpoint, device: torch.device, fp16: bool = False,
-                 store: "dist.Store | None" = None) -> None:
-        self.rank = endpoint.rank
-        self.world_size = endpoint.world_size
+    def __init__(self, endpoint: Endpoint, device: torch.device,
+                 store: dist.Store | None = None, *, group: Any = None,
+                 ranks: Sequence[int] | None = None) -> None:
         self.device = device
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=endpoint.timeout_s)
-        if store is None:
-            store = dist.TCPStore(endpoint.host, endpoint.port, endpoint.world_size,
-                                  is_master=False, timeout=timeout)
-        prefixed = dist.PrefixStore(f"sparkml_dist/attempt-{endpoint.attempt}", store)
-        self._store = store
-        dist.init_process_group(backend, store=prefixed, rank=endpoint.rank,
-                                world_size=endpoint.world_size, timeout=timeout)
-        self._timer = _CommTimer(None, fp16)
-        log.info("rank %d/%d joined the %s group (attempt %d)", self.rank, self.world_size,
-                 backend, endpoint.attempt)
+        self.timeout_s = endpoint.timeout_s
+        self._timeout = datetime.timedelta(seconds=endpoint.timeout_s)
+        self.group = group  # None: the default (world) group
+        self._owner = group is None
+        if group is None:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if store is None:
+                store = dist.TCPStore(endpoint.host, endpoint.port, endpoint.world_size,
+                                      is_master=False, timeout=self._timeout)
+            self.store = dist.PrefixStore(f"sparkml_dist/attempt-{endpoint.attempt}", store)
+            self._raw_store = store  # rank 0 hosts it: keep it alive as long as the group
+            dist.init_process_group(backend, store=self.store, rank=endpoint.rank,
+                                    world_size=endpoint.world_size, timeout=self._timeout)
+            log.info("rank %d/%d joined the %s group (attempt %d)", endpoint.rank,
+                     endpoint.world_size, backend, endpoint.attempt)
+        else:
+            self.store = store
+        self.global_ranks = tuple(ranks) if ranks is not None else tuple(range(endpoint.world_size))
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._endpoint = endpoint
 
-    def _on_device(self, tensor: torch.Tensor, op) -> torch.Tensor:
+    @property
+    def process_group(self) -> Any:
+        """The torch process group (for DDP and torch's own parallel APIs)."""
+        return self.group if self.group is not None else dist.group.WORLD
+
+    def _on_device(self, tensor: torch.Tensor, op: Callable[[torch.Tensor], Any]) -> torch.Tensor:
         """Run ``op`` on ``tensor`` where the backend can (NCCL needs GPU tensors), in place."""
         if tensor.device == self.device or self.device.type == "cpu":
             op(tensor)
@@ -94,25 +68,73 @@ class TorchCommunicator:
         tensor.copy_(moved)
         return tensor
 
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+        if op == "avg":
+            self._on_device(tensor, lambda t: dist.all_reduce(t, dist.ReduceOp.SUM,
+                                                              group=self.group))
+            return tensor.div_(self.world_size)
+        return self._on_device(tensor, lambda t: dist.all_reduce(t, _OPS[op], group=self.group))
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._on_device(tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+        """Shorthand for ``all_reduce(tensor, "sum")``."""
+        return self.all_reduce(tensor, "sum")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        return self._on_device(tensor, lambda t: dist.broadcast(t, src=src))
+        src_global = self.global_ranks[src]
+        return self._on_device(tensor, lambda t: dist.broadcast(t, src=src_global,
+                                                                group=self.group))
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        t = tensor.to(self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t, group=self.group)
+        return [o.to(tensor.device) for o in out]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.global_ranks[src], group=self.group)
+        return box[0]
+
+    def exchange(self, sends: Mapping[int, torch.Tensor],
+                 recvs: Mapping[int, torch.Tensor]) -> None:
+        ops = [dist.P2POp(dist.isend, t, self.global_ranks[peer], group=self.group)
+               for peer, t in sorted(sends.items())]
+        ops += [dist.P2POp(dist.irecv, t, self.global_ranks[peer], group=self.group)
+                for peer, t in sorted(recvs.items())]
+        if not ops:
+            return
+        for work in dist.batch_isend_irecv(ops):
+            if not work.wait(self._timeout):
+                raise TimeoutError(f"rank {self.rank}: point-to-point exchange did not finish "
+                                   f"within {self.timeout_s:.0f}s (backend.timeout_s)")
+
+    def new_group(self, ranks: Sequence[int]) -> TorchCommunicator | None:
+        members = [self.global_ranks[r] for r in ranks]
+        group = dist.new_group(members, timeout=self._timeout)
+        if dist.get_rank() not in members:
+            return None
+        return TorchCommunicator(self._endpoint, self.device, self.store, group=group,
+                                 ranks=members)
+
+    def device_mesh(self, shape: tuple[int, int], names: tuple[str, str]) -> Any:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if shape[0] * shape[1] != self.world_size:
+            raise ValueError(f"a {shape[0]}x{shape[1]} mesh needs {shape[0] * shape[1]} ranks; "
+                             f"the job has {self.world_size}")
+        return init_device_mesh(self.device.type, shape, mesh_dim_names=names)
 
     def barrier(self) -> None:
-        dist.barrier()
-
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer
-             ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DDP(model, device_ids=device_ids)  # broadcasts rank 0's parameters and buffers
-        ddp.register_comm_hook(self._timer, _timed_allreduce_hook)
-        return ddp, optimizer
-
-    def comm_seconds(self) -> float:
-        return self._timer.take()
+        if self.device.type == "cuda":
+            dist.barrier(group=self.group, device_ids=[self.device.index])
+        else:
+            dist.barrier(group=self.group)
 
     def close(self) -> None:
-        if dist.is_initialized():
+        if self._owner and dist.is_initialized():
             dist.destroy_process_group()

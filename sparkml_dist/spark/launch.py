@@ -79,7 +79,8 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
     last = first + cfg.fault.max_restarts
     for attempt in range(first, last + 1):
         plan = RankPlan(in_features=prepared.in_features, num_outputs=prepared.num_outputs,
-                        train_shard_sizes=prepared.train_shard_sizes, attempt=attempt)
+                        train_shard_sizes=prepared.train_shard_sizes, layout=prepared.layout,
+                        attempt=attempt)
         spec = TaskSpec(config=cfg, plan=plan, run_id=run.run_id, tracking_uri=run.tracking_uri)
         run.record_attempt(attempt)
         log.info("launching attempt %d: a barrier stage of %d ranks", attempt,

@@ -9,6 +9,8 @@ import collections
 import json
 import logging
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,6 +75,28 @@ def _device(ctx, cfg: JobConfig):
     return torch.device("cuda", index)
 
 
+def _preimport() -> None:
+    """Import what building DDP pulls in (``torch._dynamo``, sympy...: about a second in a fresh
+    Python worker) while the rendezvous waits, so it is off the critical path."""
+    def work() -> None:
+        try:
+            import torch.nn.parallel.distributed  # noqa: F401
+            import torch._dynamo  # noqa: F401
+        except Exception:  # noqa: BLE001 - the real import later reports any problem
+            pass
+
+    threading.Thread(target=work, name="sparkml_dist-preimport", daemon=True).start()
+
+
+def _my_shards(builder, rank: int, kind: str):
+    """This rank's (train, validation) stores; the barrier loop reads one shard per rank."""
+    shards = builder.finish_shards()
+    if len(shards) != 1:
+        raise RuntimeError(f"strategy.kind={kind} gave rank {rank} shards {sorted(shards)}; the "
+                           "barrier training loop reads exactly one shard per rank")
+    return next(iter(shards.values()))
+
+
 def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     from sparkml_dist.comm.factory import create_communicator
     from sparkml_dist.data.shard_store import ShardBuilder
@@ -81,13 +105,16 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     from sparkml_dist.training.loop import NullSink, train_rank
 
     cfg = spec.config
+    _preimport()
     endpoint, store = barrier_rendezvous(ctx, spec.plan.attempt, cfg.backend.rendezvous_timeout_s,
                                          cfg.backend.timeout_s)
+    t_feed = time.perf_counter()
     builder = ShardBuilder(spec.plan.in_features, int(cfg.data.shard_memory_mb * 2**20),
                            cfg.data.spill_dir,
                            pa.int64() if cfg.data.task == "classification" else pa.float32())
-    builder.expected_shard = endpoint.rank
-    train, val = builder.extend(batches).finish()
+    builder.expected_shards = spec.plan.data_layout().shards_of_rank[endpoint.rank]
+    train, val = _my_shards(builder.extend(batches), endpoint.rank, cfg.strategy.kind)
+    feed_s = time.perf_counter() - t_feed
     logging.getLogger(__name__).info("rank %d holds %d train and %d validation rows (%.1f MiB%s)",
                                      endpoint.rank, len(train), len(val),
                                      (train.arrow_nbytes + val.arrow_nbytes) / 2**20,
@@ -98,6 +125,8 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
         ckpt = (MlflowCheckpointStore(spec.tracking_uri, spec.run_id, cfg.checkpoint.keep_last)
                 if cfg.checkpoint.enabled else None)
         sink = MlflowSink(spec.tracking_uri, spec.run_id) if endpoint.rank == 0 else NullSink()
+        # Shuffle read + Arrow feed into the shard store, as seen by rank 0 (per attempt).
+        sink.log_metrics({"time/feed_s": feed_s}, spec.plan.attempt)
         result = train_rank(cfg, spec.plan, comm, train, val, device, sink, ckpt)
     finally:
         comm.close()

@@ -20,7 +20,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from sparkml_dist.training.checkpoint import (
-    META_FILE, STATE_FILE, CheckpointMeta, decode_state, dir_name, encode_state)
+    META_FILE, SHARED_PART, CheckpointMeta, dir_name, latest_loadable, store_part)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,8 @@ class MlflowSink:
 
 
 class MlflowCheckpointStore:
-    """Checkpoints as run artifacts under ``checkpoints/ckpt-<steps>/``.
-
-    The state file is uploaded first and ``meta.json`` (size + SHA-256) last, so a checkpoint is
-    complete only once its metadata exists; loading re-checks the checksum.
-    """
+    """Checkpoints as run artifacts under ``checkpoints/ckpt-<steps>/`` (see
+    :mod:`sparkml_dist.training.checkpoint` for the layout and the commit protocol)."""
 
     def __init__(self, tracking_uri: str, run_id: str, keep_last: int = 2) -> None:
         self.client = MlflowClient(tracking_uri)
@@ -89,19 +86,41 @@ class MlflowCheckpointStore:
         files = self.client.list_artifacts(self.run_id, f"{CHECKPOINT_DIR}/{name}")
         return any(Path(f.path).name == META_FILE for f in files)
 
-    def save(self, state: dict[str, Any], meta_fields: dict[str, Any]) -> CheckpointMeta:
-        data, digest = encode_state(state)
-        meta = CheckpointMeta(sha256=digest, size_bytes=len(data), **meta_fields)
-        name = dir_name(meta.steps_done)
+    def _put(self, name: str, filename: str, data: bytes) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            state_path, meta_path = Path(tmp, STATE_FILE), Path(tmp, META_FILE)
-            state_path.write_bytes(data)
-            meta_path.write_text(meta.to_json())
-            self._repo.log_artifact(str(state_path), f"{CHECKPOINT_DIR}/{name}")
-            self._repo.log_artifact(str(meta_path), f"{CHECKPOINT_DIR}/{name}")  # commit marker
+            path = Path(tmp, filename)
+            path.write_bytes(data)
+            self._repo.log_artifact(str(path), f"{CHECKPOINT_DIR}/{name}")
+
+    def write_part(self, name: str, filename: str, data: bytes) -> None:
+        self._put(name, filename, data)
+
+    def commit(self, name: str, meta: CheckpointMeta) -> None:
+        self._put(name, META_FILE, meta.to_json().encode())  # the commit marker, last
         self._prune(name)
-        log.info("checkpoint %s written (%.2f MiB)", name, len(data) / 2**20)
-        return meta
+        size = sum(p["size_bytes"] for p in meta.parts.values())
+        log.info("checkpoint %s written (%d parts, %.2f MiB)", name, len(meta.parts), size / 2**20)
+
+    def complete_names(self) -> list[str]:
+        out = []
+        for name in self._dirs():
+            if self._has_meta(name):
+                out.append(name)
+            else:
+                log.warning("checkpoint %s has no %s (incomplete write); skipping it",
+                            name, META_FILE)
+        return out
+
+    def _get(self, name: str, filename: str) -> bytes:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self._repo.download_artifacts(f"{CHECKPOINT_DIR}/{name}/{filename}", tmp)
+            return Path(local).read_bytes()
+
+    def read_meta(self, name: str) -> CheckpointMeta:
+        return CheckpointMeta.from_json(self._get(name, META_FILE).decode())
+
+    def read_part(self, name: str, filename: str) -> bytes:
+        return self._get(name, filename)
 
     def _prune(self, newest: str) -> None:
         kept = 0
@@ -112,28 +131,27 @@ class MlflowCheckpointStore:
             if complete and kept < self.keep_last:
                 kept += 1
                 continue
+            if not complete and name == newest:
+                continue
             try:
                 self._repo.delete_artifacts(f"{CHECKPOINT_DIR}/{name}")
             except Exception as exc:  # noqa: BLE001 - pruning is best effort
                 log.warning("could not delete old checkpoint %s: %s", name, exc)
 
+    # Single-writer conveniences (a checkpoint with a shared part only).
+
+    def save(self, state: dict[str, Any], meta_fields: dict[str, Any]) -> CheckpointMeta:
+        """Write ``state`` as the shared part of a one-part checkpoint, then commit it."""
+        name = dir_name(meta_fields["steps_done"])
+        parts = {SHARED_PART: store_part(self, name, SHARED_PART, state)}
+        meta = CheckpointMeta(parts=parts, **meta_fields)
+        self.commit(name, meta)
+        return meta
+
     def load_latest(self) -> tuple[dict[str, Any], CheckpointMeta] | None:
-        for name in self._dirs():
-            if not self._has_meta(name):
-                log.warning("checkpoint %s has no %s (incomplete write); skipping it",
-                            name, META_FILE)
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                local = self._repo.download_artifacts(f"{CHECKPOINT_DIR}/{name}", tmp)
-                try:
-                    meta = CheckpointMeta.from_json(Path(local, META_FILE).read_text())
-                    state = decode_state(Path(local, STATE_FILE).read_bytes(), meta)
-                except Exception as exc:  # noqa: BLE001 - fall back to the previous checkpoint
-                    log.warning("checkpoint %s is unreadable (%s); using the previous one",
-                                name, exc)
-                    continue
-            return state, meta
-        return None
+        """The shared part and metadata of the newest loadable checkpoint, or None."""
+        found = latest_loadable(self)
+        return None if found is None else (found[2], found[1])
 
 
 def default_tracking_uri(configured: str | None) -> str:

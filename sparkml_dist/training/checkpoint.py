@@ -1,12 +1,19 @@
-"""Checkpoint state and the storage contract.
+"""Checkpoints: parts written by the ranks, one commit marker written last.
 
-A checkpoint holds everything needed to replay the rest of a run identically: model, optimizer and
-LR-scheduler state plus the number of optimizer steps done. Data order and dropout randomness are
-pure functions of (seed, epoch, rank, step), so the step count is the random-number state.
+A checkpoint ``ckpt-<steps>/`` holds ``shared.pt`` (state every rank holds identically: model,
+optimizer, schedule..., written once by rank 0), ``rank-NNNNN.pt`` for each rank that has state of
+its own (error-feedback residuals...), and ``meta.json``. Rank 0 writes ``meta.json`` only after
+every rank reported its part stored (size and SHA-256 of each part are in it), so a checkpoint
+counts only once its metadata exists; every part's checksum is checked on load.
 
-A checkpoint counts only once its metadata (size and SHA-256 of the state file) is written, and
-the state file's checksum is checked on load: a partial or corrupt checkpoint is skipped in favour
-of the previous one.
+Data order and dropout randomness are pure functions of (seed, epoch, rank, step), so the step
+count is the random-number state. Resume agreement: rank 0 picks the newest complete checkpoint
+and broadcasts its name; every rank loads exactly that one or fails. ``meta.json`` also records a
+fingerprint (strategy and its settings, world size, data layout): resuming with a different one
+fails with the difference, since the saved state would not mean the same thing.
+
+Parts are read with ``torch.load(weights_only=True)``: a part that carries pickled code is
+refused.
 """
 
 from __future__ import annotations
@@ -14,13 +21,37 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+import logging
+import pickle
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-STATE_FILE = "state.pt"
+from sparkml_dist.errors import USER_ERROR_MARKER, CheckpointError
+
+log = logging.getLogger(__name__)
+
+SHARED_PART = "shared.pt"
 META_FILE = "meta.json"
+
+
+def part_file(rank: int) -> str:
+    """File name of ``rank``'s own part."""
+    return f"rank-{rank:05d}.pt"
+
+
+def dir_name(steps_done: int) -> str:
+    """Checkpoint directory name; zero-padded so names sort in step order."""
+    return f"ckpt-{steps_done:010d}"
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """Size and checksum of one stored part."""
+
+    sha256: str
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -30,21 +61,24 @@ class CheckpointMeta:
     steps_done: int
     epoch: int
     step_in_epoch: int
-    sha256: str
-    size_bytes: int
     final: bool = False
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """File name -> ``{"sha256", "size_bytes"}`` of every part."""
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    """What a resumed job must match: strategy settings, world size, data layout."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @staticmethod
     def from_json(text: str) -> CheckpointMeta:
-        return CheckpointMeta(**json.loads(text))
+        values = json.loads(text)
+        known = {f for f in CheckpointMeta.__dataclass_fields__}
+        return CheckpointMeta(**{k: v for k, v in values.items() if k in known})
 
-
-def dir_name(steps_done: int) -> str:
-    """Checkpoint directory name; zero-padded so names sort in step order."""
-    return f"ckpt-{steps_done:010d}"
+    def part(self, name: str) -> PartInfo | None:
+        info = self.parts.get(name)
+        return PartInfo(info["sha256"], info["size_bytes"]) if info else None
 
 
 def encode_state(state: dict[str, Any]) -> tuple[bytes, str]:
@@ -55,19 +89,100 @@ def encode_state(state: dict[str, Any]) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def decode_state(data: bytes, meta: CheckpointMeta) -> dict[str, Any]:
-    """Check size and checksum, then load; raise ValueError for a corrupt file."""
-    if len(data) != meta.size_bytes or hashlib.sha256(data).hexdigest() != meta.sha256:
-        raise ValueError(f"checkpoint at step {meta.steps_done} is corrupt: {len(data)} bytes "
-                         f"on disk, {meta.size_bytes} expected, or checksum mismatch")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+def decode_state(data: bytes, info: PartInfo, what: str) -> dict[str, Any]:
+    """Check size and checksum, then load tensors and plain containers only.
+
+    Raises ValueError for a corrupt part and :class:`CheckpointError` for one that holds anything
+    but tensors and plain data (pickled code is never run)."""
+    if len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+        raise ValueError(f"{what} is corrupt: {len(data)} bytes on disk, {info.size_bytes} "
+                         "expected, or checksum mismatch")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{USER_ERROR_MARKER} {what} holds more than tensors and plain data (it would run "
+            f"pickled code when loaded), so it is refused: {str(exc).splitlines()[0]}. Only "
+            "checkpoints written by sparkml_dist load; if this run's artifacts were replaced, "
+            "start a new run.") from None
 
 
 class CheckpointStore(Protocol):
-    """Where checkpoints live (the MLflow run, in production)."""
+    """Where checkpoint files live (the MLflow run, in production)."""
 
-    def save(self, state: dict[str, Any], meta_fields: dict[str, Any]) -> CheckpointMeta:
-        """Write ``state`` then its metadata; return the metadata."""
+    def write_part(self, name: str, filename: str, data: bytes) -> None:
+        """Store one part of checkpoint ``name``."""
 
-    def load_latest(self) -> tuple[dict[str, Any], CheckpointMeta] | None:
-        """The newest complete, intact checkpoint, or None."""
+    def commit(self, name: str, meta: CheckpointMeta) -> None:
+        """Write ``meta.json`` (the commit marker) of ``name``; then prune old checkpoints."""
+
+    def complete_names(self) -> list[str]:
+        """Names of checkpoints that have a ``meta.json``, newest first."""
+
+    def read_meta(self, name: str) -> CheckpointMeta:
+        """The metadata of checkpoint ``name``."""
+
+    def read_part(self, name: str, filename: str) -> bytes:
+        """One part of checkpoint ``name``."""
+
+
+def store_part(store: CheckpointStore, name: str, filename: str,
+               state: dict[str, Any]) -> dict[str, Any]:
+    """Encode and write one part; return its entry for ``CheckpointMeta.parts``."""
+    data, digest = encode_state(state)
+    store.write_part(name, filename, data)
+    return {"sha256": digest, "size_bytes": len(data)}
+
+
+def load_part(store: CheckpointStore, name: str, meta: CheckpointMeta,
+              filename: str) -> dict[str, Any]:
+    """Read and verify one part listed in ``meta``."""
+    info = meta.part(filename)
+    if info is None:
+        raise CheckpointError(f"checkpoint {name} has no part {filename}; it lists "
+                              f"{', '.join(sorted(meta.parts)) or 'none'}")
+    return decode_state(store.read_part(name, filename), info, f"{name}/{filename}")
+
+
+def latest_loadable(store: CheckpointStore) -> tuple[str, CheckpointMeta, dict[str, Any]] | None:
+    """The newest complete checkpoint whose shared part reads back intact, with that part.
+
+    Incomplete or corrupt checkpoints are skipped for older ones, with a warning. When complete
+    checkpoints exist but none loads, that is an error, never a silent restart from step 0.
+    """
+    names = store.complete_names()
+    failures = []
+    for name in names:
+        try:
+            meta = store.read_meta(name)
+            shared = load_part(store, name, meta, SHARED_PART)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fall back to the previous checkpoint
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", name, exc)
+            failures.append(f"{name}: {exc}")
+            continue
+        return name, meta, shared
+    if failures:
+        raise CheckpointError(f"{USER_ERROR_MARKER} the run has {len(names)} complete "
+                              f"checkpoint(s) and none loads ({'; '.join(failures)}); refusing to "
+                              "restart from step 0 over them. Start a new run, or delete the "
+                              "broken checkpoints from the run's artifacts.")
+    return None
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every setting that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+def check_fingerprint(name: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume into a job whose strategy, world size or layout differs."""
+    diff = fingerprint_diff(saved, current)
+    if diff:
+        raise CheckpointError(
+            f"{USER_ERROR_MARKER} checkpoint {name} was written by a job with other settings "
+            f"({'; '.join(diff)}); its state cannot be resumed by this one. Resume with the "
+            "checkpoint's settings, or start a new run.")

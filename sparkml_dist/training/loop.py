@@ -1,7 +1,10 @@
-"""The per-rank training loop, the same for every backend.
+"""The per-rank training loop every barrier strategy shares.
 
-Every rank runs the same number of equally sized steps (see :mod:`sparkml_dist.data.sharding`),
-so collectives always line up. Rank 0 reports metrics and writes checkpoints.
+It owns the data order, the windows of metrics, the checkpoint cadence (with resume agreement)
+and the fault hooks; the strategy (:mod:`sparkml_dist.strategies`) owns the model, the step and
+what a checkpoint holds. Every rank runs the same number of equally sized steps (see
+:mod:`sparkml_dist.data.sharding`), so collectives always line up. Rank 0 reports metrics and
+commits checkpoints.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,12 +21,15 @@ from torch import nn
 
 from sparkml_dist.comm.base import Communicator
 from sparkml_dist.config import JobConfig
+from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.data.sharding import batch_indices, epoch_order, steps_per_epoch
 from sparkml_dist.data.shard_store import ShardStore
-from sparkml_dist.errors import USER_ERROR_MARKER, UserCodeError
-from sparkml_dist.models import build_model
-from sparkml_dist.training.checkpoint import CheckpointStore
-from sparkml_dist.training.optim import make_optimizer, make_scheduler
+from sparkml_dist.errors import CheckpointError
+from sparkml_dist.strategies.base import RankContext, Strategy
+from sparkml_dist.training.checkpoint import (
+    SHARED_PART, CheckpointMeta, CheckpointStore, check_fingerprint, dir_name, latest_loadable,
+    load_part, part_file, store_part)
+from sparkml_dist.training.objective import loss_fn, prepare_target
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,13 @@ class RankPlan:
     in_features: int
     num_outputs: int
     train_shard_sizes: tuple[int, ...]
+    """Training rows per shard (every shard, not only this rank's)."""
+    layout: DataLayout | None = None
+    """Which shards each rank reads (None: one per rank)."""
     attempt: int = 0
+
+    def data_layout(self) -> DataLayout:
+        return self.layout or DataLayout.one_per_rank(len(self.train_shard_sizes))
 
 
 @dataclass
@@ -80,56 +92,24 @@ def seed_step(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def user_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
-               task: str) -> None:
-    """Run one local forward/backward before any collective; errors here are the user's.
-
-    Runs in eval mode so batch-norm statistics are left untouched by the probe.
-    """
-    model.eval()
-    try:
-        out = model(x)
-        loss = loss_fn(out, _prepare_target(y, out, task))
-        loss.backward()
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise UserCodeError(f"{USER_ERROR_MARKER} the model failed on a batch of shape "
-                            f"{tuple(x.shape)} (labels {tuple(y.shape)}, {y.dtype}): "
-                            f"{type(exc).__name__}: {exc}. Check model.factory/model.kwargs "
-                            "against the data's feature width and number of classes.") from exc
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train()
-
-
-def _loss_fn(task: str) -> nn.Module:
-    return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
-
-
-def _prepare_target(y: torch.Tensor, out: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "classification":
-        return y.long()
-    return y.float().reshape(out.shape)
-
-
 def evaluate(model: nn.Module, data: ShardStore, comm: Communicator, task: str,
              batch_size: int, device: torch.device) -> dict[str, float]:
     """Validation metrics over the whole validation set: every rank's part, summed."""
-    loss_fn = nn.CrossEntropyLoss(reduction="sum") if task == "classification" else \
-        nn.MSELoss(reduction="sum")
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct (or squared error), count
+    criterion = loss_fn(task, reduction="sum")
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct or sq. error, count
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for x, y in data.iter_batches(batch_size):
             x = x.to(device)
             out = model(x)
-            target = _prepare_target(y.to(device), out, task)
-            sums[0] += float(loss_fn(out, target))
+            target = prepare_target(y.to(device), out, task)
+            sums[0] += criterion(out, target).double()
             if task == "classification":
-                sums[1] += float((out.argmax(dim=1) == target).sum())
+                sums[1] += (out.argmax(dim=1) == target).sum()
             sums[2] += len(y)
     model.train(was_training)
-    comm.all_reduce_sum(sums)
+    sums = comm.all_reduce(sums.cpu(), "sum")
     n = max(1.0, float(sums[2]))
     if task == "classification":
         return {"val/loss": float(sums[0]) / n, "val/accuracy": float(sums[1]) / n}
@@ -146,42 +126,105 @@ def _maybe_die(cfg: JobConfig, rank: int, attempt: int, step: int) -> None:
         os._exit(17)
 
 
+def restore(store: CheckpointStore, comm: Communicator, fingerprint: dict[str, Any]
+            ) -> tuple[dict[str, Any], dict[str, Any] | None, CheckpointMeta] | None:
+    """Resume agreement: rank 0 picks the checkpoint, every rank loads exactly that one.
+
+    Returns (shared state, this rank's part, metadata), or None for a fresh start. A rank that
+    cannot load the chosen checkpoint makes every rank fail with its reason.
+    """
+    choice: Any = None
+    if comm.rank == 0:
+        try:
+            found = latest_loadable(store)
+            choice = (found[0], None) if found else (None, None)
+        except CheckpointError as exc:
+            choice, found = (None, str(exc)), None
+    name, error = comm.broadcast_object(choice, 0)
+    if error:
+        raise CheckpointError(error)
+    if name is None:
+        return None
+    loaded: Any = None
+    problem = None
+    try:
+        meta = found[1] if comm.rank == 0 else store.read_meta(name)
+        check_fingerprint(name, meta.fingerprint, fingerprint)
+        shared = found[2] if comm.rank == 0 else load_part(store, name, meta, SHARED_PART)
+        mine = part_file(comm.rank)
+        part = load_part(store, name, meta, mine) if mine in meta.parts else None
+        loaded = (shared, part, meta)
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks below
+        problem = f"rank {comm.rank} could not load checkpoint {name}: {type(exc).__name__}: {exc}"
+    problems = [p for p in comm.all_gather_object(problem) if p]
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    return loaded
+
+
+def save(store: CheckpointStore, comm: Communicator, strategy: Strategy,
+         fields: dict[str, Any], fingerprint: dict[str, Any]) -> CheckpointMeta | None:
+    """Every rank stores its own part, then rank 0 stores the shared part and commits."""
+    st = strategy.state()
+    name = dir_name(fields["steps_done"])
+    mine = store_part(store, name, part_file(comm.rank), st.per_rank) if st.per_rank else None
+    infos = comm.all_gather_object(mine)  # returns once every rank's part is stored
+    if comm.rank != 0:
+        return None
+    parts = {part_file(r): info for r, info in enumerate(infos) if info}
+    parts[SHARED_PART] = store_part(store, name, SHARED_PART, st.shared or {})
+    meta = CheckpointMeta(parts=parts, fingerprint=fingerprint, **fields)
+    store.commit(name, meta)
+    return meta
+
+
 def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardStore,
                val: ShardStore, device: torch.device, sink: MetricSink,
                checkpoints: CheckpointStore | None) -> RankResult:
-    """Train this rank's share of the job; resume from the latest checkpoint when there is one."""
-    tc = cfg.training
-    rank, task = comm.rank, cfg.data.task
-    torch.manual_seed(tc.seed)
-    try:
-        net = build_model(cfg.model.factory, plan.in_features, plan.num_outputs,
-                          cfg.model.kwargs).to(device)
-    except Exception as exc:  # noqa: BLE001 - a factory error is the user's to fix
-        raise UserCodeError(f"{USER_ERROR_MARKER} model.factory {cfg.model.factory!r} failed: "
-                            f"{type(exc).__name__}: {exc}") from exc
-    loss_fn = _loss_fn(task)
-    probe_x, probe_y = train.gather(np.arange(min(len(train), tc.batch_size)))
-    user_check(net, probe_x.to(device), probe_y.to(device), loss_fn, task)
+    """Train this rank's share of the job; resume from the agreed checkpoint when there is one."""
+    from sparkml_dist.strategies.registry import job_fingerprint, strategy_class
 
+    tc = cfg.training
+    rank = comm.rank
     steps = steps_per_epoch(list(plan.train_shard_sizes), tc.batch_size)
     total = steps * tc.epochs
-    optimizer = make_optimizer(cfg.optimizer, net.parameters())
-    scheduler = make_scheduler(cfg.optimizer, optimizer, steps, total)
+    ctx = RankContext(cfg=cfg, comm=comm, device=device, in_features=plan.in_features,
+                      num_outputs=plan.num_outputs, steps_per_epoch=steps, total_steps=total)
+    strategy = strategy_class(cfg.strategy.kind)(ctx)
+    probe_x, probe_y = train.gather(np.arange(min(len(train), tc.batch_size)))
+    strategy.probe(probe_x.to(device), probe_y.to(device))
+    fingerprint = job_fingerprint(cfg, plan.data_layout())
     start = 0
-    restored = checkpoints.load_latest() if checkpoints is not None else None
+    restored = restore(checkpoints, comm, fingerprint) if checkpoints is not None else None
     if restored is not None:
-        state, meta = restored
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        shared, part, meta = restored
+        strategy.load_state(shared, part)
         start = meta.steps_done
         log.info("rank %d resumes from the checkpoint at step %d of %d", rank, start, total)
-    model, optimizer = comm.wrap(net, optimizer)
-    model.train()
+    strategy.start()
+    try:
+        metrics = _run_steps(cfg, plan, comm, strategy, train, val, device, sink, checkpoints,
+                             fingerprint, start, steps, total)
+    finally:
+        strategy.close()
+    sink.flush()
+    if start == total and cfg.data.val_fraction > 0:  # resumed after the last step
+        metrics.update(evaluate(strategy.eval_module(), val, comm, cfg.data.task,
+                                tc.batch_size * 4, device))
+    comm.barrier()
+    return RankResult(steps_done=total, resumed_from=start,
+                      metrics={k: float(v) for k, v in metrics.items()})
 
+
+def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Strategy,
+               train: ShardStore, val: ShardStore, device: torch.device, sink: MetricSink,
+               checkpoints: CheckpointStore | None, fingerprint: dict[str, Any], start: int,
+               steps: int, total: int) -> dict[str, float]:
+    tc = cfg.training
+    rank = comm.rank
     order: np.ndarray | None = None
-    loss_sum, loss_n, window_t0 = 0.0, 0, time.perf_counter()
-    comm_s = compute_s = 0.0
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per step
+    loss_n, window_t0 = 0, time.perf_counter()
     metrics: dict[str, float] = {}
     for gstep in range(start, total):
         epoch, s = divmod(gstep, steps)
@@ -190,60 +233,55 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
         _maybe_die(cfg, rank, plan.attempt, gstep)
         seed_step(step_seed(tc.seed, rank, gstep), device)
         x, y = train.gather(batch_indices(order, s, tc.batch_size))
-        x = x.to(device, non_blocking=True)
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = loss_fn(out, _prepare_target(y.to(device), out, task))
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step_s = time.perf_counter() - t0
-        c = comm.comm_seconds()
-        comm_s += c
-        compute_s += max(0.0, step_s - c)
-        loss_sum += float(loss.detach())
+        strategy.set_step(gstep)
+        loss = strategy.train_step(gstep, x.to(device, non_blocking=True),
+                                   y.to(device, non_blocking=True))
+        loss_acc += loss
         loss_n += 1
         done = gstep + 1
         end_of_epoch = s == steps - 1
         if done % tc.log_every_steps == 0 or end_of_epoch:
-            agg = comm.all_reduce_sum(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64))
+            agg = comm.all_reduce(torch.stack([loss_acc.cpu(), torch.tensor(
+                float(loss_n), dtype=torch.float64)]), "sum")
             elapsed = time.perf_counter() - window_t0
             window_t0 = time.perf_counter()  # the time spent reporting counts in the next window
-            metrics = {
-                "train/loss": float(agg[0] / agg[1]),
-                "train/lr": float(scheduler.get_last_lr()[0]),
-                "perf/samples_per_s": loss_n * tc.batch_size * comm.world_size / elapsed,
-                "time/step_s": elapsed / loss_n,
-                "time/comm_s": comm_s / loss_n,
-                "time/compute_s": compute_s / loss_n,
-                "time/comm_share": comm_s / max(1e-9, comm_s + compute_s),
-                "progress/epoch": epoch + (s + 1) / steps,
-                "progress/total_steps": float(total),
-            }
+            metrics = window_metrics(agg, elapsed, loss_n, tc.batch_size * comm.world_size,
+                                     strategy, epoch + (s + 1) / steps, total)
             if rank == 0:
                 sink.log_metrics(metrics, done)
-            loss_sum, loss_n, comm_s, compute_s = 0.0, 0, 0.0, 0.0
+            loss_acc.zero_()
+            loss_n = 0
         if end_of_epoch and cfg.data.val_fraction > 0:
-            val_metrics = evaluate(net, val, comm, task, tc.batch_size * 4, device)
+            val_metrics = evaluate(strategy.eval_module(), val, comm, cfg.data.task,
+                                   tc.batch_size * 4, device)
             val_metrics["epoch"] = float(epoch + 1)
             metrics.update(val_metrics)
             if rank == 0:
                 sink.log_metrics(val_metrics, done)
         every = cfg.checkpoint.every_steps
-        if checkpoints is not None and rank == 0 and (end_of_epoch or (every and done % every == 0)):
+        if checkpoints is not None and (end_of_epoch or (every and done % every == 0)):
             t0 = time.perf_counter()
-            meta = checkpoints.save(
-                {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict()},
-                {"steps_done": done, "epoch": epoch, "step_in_epoch": s + 1,
-                 "final": done == total})
-            sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t0,
-                              "checkpoint/size_mb": meta.size_bytes / 2**20}, done)
-    sink.flush()
-    if start == total and cfg.data.val_fraction > 0:  # resumed after the last step
-        metrics.update(evaluate(net, val, comm, task, tc.batch_size * 4, device))
-    comm.barrier()
-    return RankResult(steps_done=total, resumed_from=start,
-                      metrics={k: float(v) for k, v in metrics.items()})
+            meta = save(checkpoints, comm, strategy,
+                        {"steps_done": done, "epoch": epoch, "step_in_epoch": s + 1,
+                         "final": done == total}, fingerprint)
+            if meta is not None:
+                size = sum(p["size_bytes"] for p in meta.parts.values())
+                sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t0,
+                                  "checkpoint/size_mb": size / 2**20}, done)
+    return metrics
 
+
+def window_metrics(agg: torch.Tensor, elapsed: float, steps: int, global_batch: int,
+                   strategy: Strategy, epoch: float, total: int) -> dict[str, float]:
+    """Train metrics of one reporting window: loss, rate, step time and the strategy's own."""
+    step_s = elapsed / steps
+    out = {"train/loss": float(agg[0] / agg[1]), "train/lr": strategy.lr,
+           "perf/samples_per_s": steps * global_batch / elapsed, "time/step_s": step_s,
+           "progress/epoch": epoch, "progress/total_steps": float(total)}
+    extra = strategy.take_metrics(steps)
+    out.update(extra)
+    if "time/comm_s" in extra:
+        comm_s = extra["time/comm_s"]
+        out["time/compute_s"] = max(0.0, step_s - comm_s)
+        out["time/comm_share"] = min(1.0, comm_s / max(1e-12, step_s))
+    return out

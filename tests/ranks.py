@@ -1,0 +1,184 @@
+"""Drive the real rank loop on N local processes without Spark: a gloo group on a loopback
+TCPStore, shards built from numpy arrays through the real ShardBuilder, checkpoints in a
+directory store. Used by the strategy/compression tests, which need many short runs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sparkml_dist.config import JobConfig
+from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT, ShardBuilder
+from sparkml_dist.data.sharding import batch_indices, epoch_order, steps_per_epoch
+from sparkml_dist.models import build_model
+from sparkml_dist.training.optim import make_optimizer, make_scheduler
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Rows of one job: row g is validation when ``g % val_every == 0``; the i-th training row
+    goes to shard ``i % world``."""
+
+    x: np.ndarray
+    y: np.ndarray
+    val_every: int = 5
+
+    def split(self, world: int) -> tuple[list[np.ndarray], np.ndarray]:
+        rows = np.arange(len(self.y))
+        val = rows[rows % self.val_every == 0]
+        train = rows[rows % self.val_every != 0]
+        return [train[r::world] for r in range(world)], val
+
+    def shard_sizes(self, world: int) -> tuple[int, ...]:
+        return tuple(len(s) for s in self.split(world)[0])
+
+
+def digits(n: int | None = None) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    return Dataset(x[:n], y[:n]) if n else Dataset(x, y)
+
+
+def _batch(ds: Dataset, rows: np.ndarray, shard: int, split: int) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array(list(ds.x[rows]), type=pa.list_(pa.float32())), pa.array(ds.y[rows]),
+         pa.array(rows.astype(np.int64)), pa.array(np.full(len(rows), shard, np.int32)),
+         pa.array(np.full(len(rows), split, np.int8))],
+        names=[FEATURES, LABEL, ROW, SHARD, SPLIT])
+
+
+def rank_stores(ds: Dataset, rank: int, world: int):
+    shards, val = ds.split(world)
+    b = ShardBuilder(ds.x.shape[1], 1 << 30, None, pa.int64())
+    b.expected_shard = rank
+    b.add(_batch(ds, shards[rank], rank, 0))
+    b.add(_batch(ds, val[rank::world], rank, 1))
+    return b.finish()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, cfg: JobConfig, ds: Dataset, ckpt_dir: str,
+               attempt: int, out: Any) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from sparkml_dist.comm.base import Endpoint
+    from sparkml_dist.comm.factory import create_communicator
+    from sparkml_dist.training.local_store import DirectoryCheckpointStore
+    from sparkml_dist.training.loop import RankPlan, train_rank
+
+    class Sink:
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, dict[str, float]]] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            self.rows.append((step, dict(metrics)))
+
+        def flush(self) -> None:
+            return None
+
+    try:
+        torch.set_num_threads(1)
+        timeout = datetime.timedelta(seconds=cfg.backend.timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout)
+        ep = Endpoint(rank=rank, world_size=world, host="127.0.0.1", port=port, attempt=attempt,
+                      timeout_s=cfg.backend.timeout_s)
+        comm = create_communicator(cfg.backend, ep, store, torch.device("cpu"))
+        train, val = rank_stores(ds, rank, world)
+        plan = RankPlan(in_features=ds.x.shape[1], num_outputs=int(ds.y.max()) + 1,
+                        train_shard_sizes=ds.shard_sizes(world), attempt=attempt)
+        sink = Sink()
+        ckpt = DirectoryCheckpointStore(ckpt_dir, cfg.checkpoint.keep_last) \
+            if cfg.checkpoint.enabled else None
+        try:
+            result = train_rank(cfg, plan, comm, train, val, torch.device("cpu"), sink, ckpt)
+        finally:
+            comm.close()
+        out.put((rank, "ok", {"metrics": result.metrics, "resumed_from": result.resumed_from,
+                              "sink": sink.rows}))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def run_ranks(cfg: JobConfig, ds: Dataset, ckpt_dir: str, attempt: int = 0,
+              timeout_s: float = 300.0) -> dict[int, tuple[str, Any]]:
+    """Run every rank of one attempt; return ``{rank: (status, payload)}`` (status ``ok``,
+    ``error`` or ``died``)."""
+    world = cfg.training.num_workers
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, cfg, ds, ckpt_dir, attempt, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[str, Any]] = {}
+    import queue
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while len(results) < world and time.monotonic() < deadline:
+        try:
+            rank, status, payload = out.get(timeout=1.0)
+            results[rank] = (status, payload)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs):
+                break
+    for r, p in enumerate(procs):
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+        if r not in results:
+            results[r] = ("died", p.exitcode)
+    return results
+
+
+def final_model(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    from sparkml_dist.training.checkpoint import SHARED_PART, load_part
+    from sparkml_dist.training.local_store import DirectoryCheckpointStore
+
+    store = DirectoryCheckpointStore(ckpt_dir)
+    name = store.complete_names()[0]
+    return load_part(store, name, store.read_meta(name), SHARED_PART)["model"]
+
+
+def reference_weights(cfg: JobConfig, ds: Dataset) -> dict[str, torch.Tensor]:
+    """One process: each step's global batch is every rank's batch concatenated, in order."""
+    tc, world = cfg.training, cfg.training.num_workers
+    shards, _ = ds.split(world)
+    xs = [torch.from_numpy(ds.x[s]) for s in shards]
+    ys = [torch.from_numpy(ds.y[s]) for s in shards]
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model.factory, ds.x.shape[1], int(ds.y.max()) + 1, cfg.model.kwargs)
+    steps = steps_per_epoch([len(s) for s in shards], tc.batch_size)
+    opt = make_optimizer(cfg.optimizer, model.parameters())
+    sched = make_scheduler(cfg.optimizer, opt, steps, steps * tc.epochs)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for epoch in range(tc.epochs):
+        orders = [epoch_order(len(s), tc.seed, epoch, r, steps * tc.batch_size)
+                  for r, s in enumerate(shards)]
+        for s in range(steps):
+            idx = [torch.as_tensor(batch_indices(o, s, tc.batch_size)) for o in orders]
+            x = torch.cat([xs[r][i] for r, i in enumerate(idx)])
+            y = torch.cat([ys[r][i] for r, i in enumerate(idx)])
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            sched.step()
+    return model.state_dict()
