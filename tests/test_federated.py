@@ -103,7 +103,7 @@ def test_fedavg_with_one_full_batch_step_per_partition_is_synchronous_sgd(spark,
 
 
 def test_fedavg_reaches_95_percent_on_digits_with_20_clients(spark, iid20, tracking_uri):
-    fed = FederatedConfig(client_col="client", rounds=12, local_epochs=5, local_batch_size=16)
+    fed = FederatedConfig(client_col="client", rounds=10, local_epochs=5, local_batch_size=16)
     out, run = _fit(spark, iid20, _cfg(tracking_uri, checkpoint=False), fed)
     assert out["clients"] == 20
     assert max(_history(run, "val/accuracy")) >= 0.95

@@ -97,6 +97,9 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, digits_path: Pa
             "one run recovers from the injected fault (2 attempts), one runs uninterrupted"
         assert any("sparkml_dist.failure.0" in r.data.tags for r in runs)
         assert "bitwise: True" in texts, "the resumed weights should equal the uninterrupted run's"
+    if path.stem == "federated":
+        assert {r.data.tags.get("sparkml_dist.strategy") for r in runs} == {"federated"}
+        assert any("secagg/threshold" in r.data.metrics for r in runs)
     if path.stem == "horovod":
         assert {r.data.tags.get("sparkml_dist.backend") for r in runs} == {"horovod", "torch"}
         assert any(r.data.tags.get("horovod.compression") == "fp16" for r in runs)

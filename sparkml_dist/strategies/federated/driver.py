@@ -50,7 +50,6 @@ class ClientData:
     in_features: int
     classes: tuple[Any, ...]
     num_outputs: int
-    example: np.ndarray
 
 
 def prepare_clients(spark: Any, df: DataFrame, cfg: JobConfig, fed: FederatedConfig
@@ -87,12 +86,11 @@ def prepare_clients(spark: Any, df: DataFrame, cfg: JobConfig, fed: FederatedCon
     # (no shuffle per round, and clients spread over the task slots).
     parts = max(1, min(len(clients), int(spark.conf.get("spark.sql.shuffle.partitions", "200"))))
     train = frame.repartition(parts, F.col(CLIENT)).persist()
-    example = a.example_features
     log.info("federated data: %d clients, %d training rows (%d to %d per client)",
              len(clients), sum(counts.values()), min(counts.values()), max(counts.values()))
     return ClientData(train=train, val=val, clients=clients,
                       rows={str(c): n for c, n in counts.items()}, in_features=a.in_features,
-                      classes=a.classes, num_outputs=a.num_outputs, example=example)
+                      classes=a.classes, num_outputs=a.num_outputs)
 
 
 def _local_spec(cfg: JobConfig, fed: FederatedConfig, data: ClientData) -> LocalSpec:
@@ -298,7 +296,9 @@ def _run(spark: Any, data: ClientData, cfg: JobConfig, fed: FederatedConfig,
     model_uri = None
     if cfg.tracking.log_model and server.rounds_done > 0:
         weights.load_flat(server.model, server.vec)
-        model_uri = run.log_model(server.model, data.example, data.classes,
+        example = np.asarray([r[0] for r in data.train.select(FEATURES).limit(5).collect()],
+                             dtype=np.float32)
+        model_uri = run.log_model(server.model, example, data.classes,
                                   cfg.tracking.registered_model_name)
     if server.ledger is not None:
         eps = server.ledger.epsilon()
