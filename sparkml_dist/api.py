@@ -86,6 +86,8 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         if isinstance(data, str):
             cfg = cfg.replace(**{"data.source": data})
         df = read_source(spark, cfg.data)
+    if cfg.strategy.kind == "federated":
+        return _fit_federated(spark, df, cfg, resume_run_id)
     tc = cfg.training
     check_before_launch(cfg)
     check_cluster(spark, tc.num_workers, cfg.backend)
@@ -136,6 +138,24 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
                      attempts=results[0]["attempt"] - first_attempt + 1,
                      tracking_uri=run.tracking_uri, experiment_id=run.experiment_id,
                      ranks=tuple(results))
+
+
+def _fit_federated(spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | None) -> FitResult:
+    """``strategy.kind: federated``: rounds run by the driver as ordinary Spark stages
+    (:mod:`sparkml_dist.strategies.federated`), in one MLflow run like every job."""
+    from sparkml_dist.strategies.federated.driver import fit_federated
+    from sparkml_dist.tracking.run import JobRun
+
+    run = JobRun(cfg, resume_run_id)
+    try:
+        out = fit_federated(spark, df, cfg, run)
+        run.log_training_curves()
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish()
+    return FitResult(run_id=run.run_id, model_uri=out.get("model_uri"), metrics=out["metrics"],
+                     attempts=1, tracking_uri=run.tracking_uri, experiment_id=run.experiment_id)
 
 
 def check_resume(run: Any, cfg: JobConfig, layout: Any) -> None:

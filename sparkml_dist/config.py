@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from sparkml_dist.errors import ConfigError
+from sparkml_dist.strategies.federated.config import FederatedConfig
 
 Task = Literal["classification", "regression"]
 Partitioning = Literal["random", "stratified"]
@@ -240,10 +241,39 @@ class DataParallelConfig:
                "strategy.comm_timing_every_steps must be >= 0 (0 turns timing off).")
 
 
-StrategyConfig = DataParallelConfig
+@dataclass(frozen=True, kw_only=True)
+class GossipConfig:
+    """``strategy.kind: gossip``: decentralized training without a server; each rank takes local
+    steps on its own data and averages its model with its neighbours' (D-PSGD or push-sum/SGP).
+    Needs point-to-point (backend.name=torch). Resume is bitwise."""
+
+    kind: Literal["gossip"] = "gossip"
+    """Strategy discriminator."""
+    topology: Literal["ring", "torus", "exponential", "random"] = "ring"
+    """Who talks to whom: ``ring``; ``torus`` (2-D grid with wrap-around); ``exponential``
+    (peers at distance 2^k); ``random`` (one peer per rank per round, seeded by
+    (training.seed, step))."""
+    algorithm: Literal["dpsgd", "push_sum"] = "dpsgd"
+    """``dpsgd`` (symmetric doubly stochastic averaging with neighbours) or ``push_sum``
+    (Stochastic Gradient Push: directed sends with a de-biasing weight)."""
+    gossip_every: int = 1
+    """Average with the neighbours after every N-th local step (1: after each step)."""
+
+    def __post_init__(self) -> None:
+        _check(self.topology in ("ring", "torus", "exponential", "random"),
+               f"strategy.topology must be one of ring, torus, exponential, random; got "
+               f"{self.topology!r}.")
+        _check(self.algorithm in ("dpsgd", "push_sum"),
+               f"strategy.algorithm must be dpsgd or push_sum; got {self.algorithm!r}.")
+        _check(isinstance(self.gossip_every, int) and self.gossip_every >= 1,
+               f"strategy.gossip_every must be an integer >= 1; got {self.gossip_every!r}.")
+
+
+StrategyConfig = DataParallelConfig | GossipConfig | FederatedConfig
 """The ``strategy:`` section: one frozen dataclass per kind, told apart by its ``kind`` field."""
 
-STRATEGY_KINDS: dict[str, type] = {"data_parallel": DataParallelConfig}
+STRATEGY_KINDS: dict[str, type] = {"data_parallel": DataParallelConfig, "gossip": GossipConfig,
+                                   "federated": FederatedConfig}
 """``strategy.kind`` -> its config dataclass."""
 
 

@@ -3,7 +3,7 @@
 One ``strategy.kind`` in config picks one; its own frozen dataclass holds its settings. Each
 strategy declares the backend capabilities it needs (checked on the driver before launch by
 :func:`check_before_launch`), the data layout it wants, and its resume guarantee. The per-rank
-loop every strategy shares is :func:`sparkml_dist.training.loop.train_rank`.
+loop every barrier strategy shares is :func:`sparkml_dist.training.loop.train_rank`.
 
 Kinds and where they live:
 
@@ -12,12 +12,20 @@ Kinds and where they live:
 - ``federated``: :mod:`sparkml_dist.strategies.federated` (rounds as ordinary Spark stages, run by
   the driver rather than by the barrier loop).
 
-This module imports no torch, so the driver can check a config cheaply.
+Importing this package is cheap and imports nothing else (``sparkml_dist.config`` imports the
+config modules of some strategies); the functions below load the registry on first use.
 """
 
 from __future__ import annotations
 
-from sparkml_dist.strategies.registry import (
-    check_before_launch, data_layout, job_fingerprint, strategy_class)
+from typing import Any
 
 __all__ = ["check_before_launch", "data_layout", "job_fingerprint", "strategy_class"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from sparkml_dist.strategies import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
