@@ -62,14 +62,29 @@ class DataConfig:
     """Directory for spilled shards (default: the system temp dir of the executor)."""
     random_buckets: int = 64
     """Groups used to number rows in parallel for random sharding (more = more parallelism)."""
+    allow_float_classes: bool = False
+    """Under ``task=classification``, accept a float label with more than 1000 distinct values
+    (refused by default: it is almost always a regression target)."""
+    device_cache_share: float = 0.5
+    """On GPU: keep a rank's training shard on the GPU when it fits this share of free GPU
+    memory, and gather batches there (0 never does)."""
+    prefetch: bool = True
+    """On GPU, for shards not kept on it: gather the next batches in a background thread into
+    pinned memory and copy them on a side stream while the current step runs."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0,
                f"data.val_fraction must be in [0, 1); got {self.val_fraction}.")
-        _check(self.shard_memory_mb > 0,
-               f"data.shard_memory_mb must be > 0; got {self.shard_memory_mb}.")
+        _check(math.isfinite(self.shard_memory_mb) and self.shard_memory_mb > 0,
+               f"data.shard_memory_mb must be finite and > 0; got {self.shard_memory_mb}.")
+        _check(self.label_col not in self.feature_cols and self.label_col != self.features_col,
+               f"data.label_col {self.label_col!r} is also a feature column (data.feature_cols="
+               f"{list(self.feature_cols)}, data.features_col={self.features_col!r}); training "
+               "on the label leaks it. Remove it from the features or pick another label_col.")
         _check(self.random_buckets >= 1,
                f"data.random_buckets must be >= 1; got {self.random_buckets}.")
+        _check(math.isfinite(self.device_cache_share) and 0 <= self.device_cache_share <= 1,
+               f"data.device_cache_share must be in [0, 1]; got {self.device_cache_share}.")
         if self.task == "regression":
             _check(self.split == "random" and self.sharding == "random",
                    "stratified split/sharding needs classes; for task=regression set "
@@ -113,7 +128,15 @@ class OptimizerConfig:
     """Linear warm-up steps before the schedule."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, f"optimizer.lr must be > 0; got {self.lr}.")
+        _check(math.isfinite(self.lr) and self.lr > 0,
+               f"optimizer.lr must be finite and > 0; got {self.lr}.")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0,
+                   f"optimizer.{name} must be finite and >= 0; got {value}.")
+        _check(math.isfinite(self.gamma) and self.gamma > 0,
+               f"optimizer.gamma (the step schedule's decay factor) must be finite and > 0, "
+               f"usually in (0, 1]; got {self.gamma}.")
         _check(self.warmup_steps >= 0 and self.step_size_epochs >= 1,
                "optimizer.warmup_steps must be >= 0 and optimizer.step_size_epochs >= 1.")
 
@@ -138,6 +161,8 @@ class TrainingConfig:
         _check(self.batch_size >= 1, f"training.batch_size must be >= 1; got {self.batch_size}.")
         _check(self.epochs >= 1, f"training.epochs must be >= 1; got {self.epochs}.")
         _check(self.log_every_steps >= 1, "training.log_every_steps must be >= 1.")
+        _check(0 <= self.seed < 2**63,
+               f"training.seed must be in [0, 2^63) (a torch/numpy seed); got {self.seed}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,8 +342,9 @@ class FaultToleranceConfig:
     """TEST-ONLY fault injection; leave unset in real jobs."""
 
     def __post_init__(self) -> None:
-        _check(self.max_restarts >= 0 and self.backoff_s >= 0,
-               "fault.max_restarts and fault.backoff_s must be >= 0.")
+        _check(self.max_restarts >= 0 and math.isfinite(self.backoff_s) and self.backoff_s >= 0,
+               "fault.max_restarts must be >= 0 and fault.backoff_s finite and >= 0; got "
+               f"{self.max_restarts} and {self.backoff_s}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -339,6 +365,11 @@ class TrackingConfig:
     """Show live progress on the driver (console, or a bar in notebooks)."""
     progress_interval_s: float = 2.0
     """How often the driver polls the run for progress."""
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.progress_interval_s) and self.progress_interval_s > 0,
+               "tracking.progress_interval_s must be finite and > 0 (set tracking.progress=false "
+               f"to turn progress off); got {self.progress_interval_s}.")
 
 
 @dataclass(frozen=True, kw_only=True)

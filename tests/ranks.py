@@ -94,11 +94,12 @@ def _rank_main(rank: int, world: int, port: int, cfg: JobConfig, ds: Dataset, ck
 
     try:
         torch.set_num_threads(1)
+        device = torch.device("cuda", 0) if cfg.backend.device == "cuda" else torch.device("cpu")
         timeout = datetime.timedelta(seconds=cfg.backend.timeout_s)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout)
         ep = Endpoint(rank=rank, world_size=world, host="127.0.0.1", port=port, attempt=attempt,
                       timeout_s=cfg.backend.timeout_s)
-        comm = create_communicator(cfg.backend, ep, store, torch.device("cpu"))
+        comm = create_communicator(cfg.backend, ep, store, device)
         train, val = rank_stores(ds, rank, world)
         plan = RankPlan(in_features=ds.x.shape[1], num_outputs=int(ds.y.max()) + 1,
                         train_shard_sizes=ds.shard_sizes(world), attempt=attempt)
@@ -106,7 +107,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: JobConfig, ds: Dataset, ck
         ckpt = DirectoryCheckpointStore(ckpt_dir, cfg.checkpoint.keep_last) \
             if cfg.checkpoint.enabled else None
         try:
-            result = train_rank(cfg, plan, comm, train, val, torch.device("cpu"), sink, ckpt)
+            result = train_rank(cfg, plan, comm, train, val, device, sink, ckpt)
         finally:
             comm.close()
         out.put((rank, "ok", {"metrics": result.metrics, "resumed_from": result.resumed_from,

@@ -26,6 +26,7 @@ from sparkml_dist.data.sharding import batch_indices, epoch_order, steps_per_epo
 from sparkml_dist.data.shard_store import ShardStore
 from sparkml_dist.errors import CheckpointError
 from sparkml_dist.strategies.base import RankContext, Strategy
+from sparkml_dist.training.feed import make_feed
 from sparkml_dist.training.checkpoint import (
     SHARED_PART, CheckpointMeta, CheckpointStore, check_fingerprint, dir_name, latest_loadable,
     load_part, part_file, store_part)
@@ -114,6 +115,24 @@ def evaluate(model: nn.Module, data: ShardStore, comm: Communicator, task: str,
     if task == "classification":
         return {"val/loss": float(sums[0]) / n, "val/accuracy": float(sums[1]) / n}
     return {"val/loss": float(sums[0]) / n, "val/rmse": (float(sums[0]) / n) ** 0.5}
+
+
+class _DataOrder:
+    """Rows of each global step's batch: the epoch's permutation (computed once per epoch)."""
+
+    def __init__(self, rows: int, seed: int, rank: int, steps: int, batch_size: int) -> None:
+        self.rows, self.seed, self.rank = rows, seed, rank
+        self.steps, self.batch_size = steps, batch_size
+        self._epoch = -1
+        self._order: np.ndarray | None = None
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, s = divmod(step, self.steps)
+        if epoch != self._epoch:
+            self._order = epoch_order(self.rows, self.seed, epoch, self.rank,
+                                      self.steps * self.batch_size)
+            self._epoch = epoch
+        return batch_indices(self._order, s, self.batch_size)
 
 
 def _maybe_die(cfg: JobConfig, rank: int, attempt: int, step: int) -> None:
@@ -222,20 +241,17 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
                steps: int, total: int) -> dict[str, float]:
     tc = cfg.training
     rank = comm.rank
-    order: np.ndarray | None = None
+    feed = make_feed(train, device, _DataOrder(len(train), tc.seed, rank, steps, tc.batch_size),
+                     cfg.data.device_cache_share, cfg.data.prefetch)
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per step
     loss_n, window_t0 = 0, time.perf_counter()
     metrics: dict[str, float] = {}
-    for gstep in range(start, total):
+    for gstep, (x, y) in zip(range(start, total), feed.batches(start, total)):
         epoch, s = divmod(gstep, steps)
-        if order is None or s == 0:
-            order = epoch_order(len(train), tc.seed, epoch, rank, steps * tc.batch_size)
         _maybe_die(cfg, rank, plan.attempt, gstep)
         seed_step(step_seed(tc.seed, rank, gstep), device)
-        x, y = train.gather(batch_indices(order, s, tc.batch_size))
         strategy.set_step(gstep)
-        loss = strategy.train_step(gstep, x.to(device, non_blocking=True),
-                                   y.to(device, non_blocking=True))
+        loss = strategy.train_step(gstep, x, y)
         loss_acc += loss
         loss_n += 1
         done = gstep + 1
