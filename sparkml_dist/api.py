@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from sparkml_dist.config import JobConfig, load_config
+from sparkml_dist.driver_checks import check_environment, check_prepared
 from sparkml_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,33 +90,41 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     if cfg.strategy.kind == "federated":
         return _fit_federated(spark, df, cfg, resume_run_id)
     tc = cfg.training
+    check_environment(cfg, _master(spark))
     check_before_launch(cfg)
     check_cluster(spark, tc.num_workers, cfg.backend)
     check_shipping(spark, tc.num_workers, cfg.backend, cfg.tracking)
     t_prepare = time.perf_counter()
     prepared = prepare(spark, df, cfg.data, data_layout(cfg), tc.seed)
     prepare_s = time.perf_counter() - t_prepare
-    run = JobRun(cfg, resume_run_id)
+    try:
+        check_prepared(cfg, prepared.train_shard_sizes, prepared.classes)
+        run = JobRun(cfg, resume_run_id)
+    except BaseException:
+        prepared.release()
+        raise
     first_attempt = run.attempts_so_far
+    # From here on every way out sets the run's status: FAILED, KILLED (Ctrl-C) or FINISHED.
     try:
-        app_id = spark.conf.get("spark.app.id")
-    except Exception:  # noqa: BLE001 - not exposed on every Connect server
-        app_id = "unknown"
-    run.set_tags({"sparkml_dist.backend": cfg.backend.name, "sparkml_dist.world_size": tc.num_workers,
-                  "sparkml_dist.device": cfg.backend.device, "spark.app_id": app_id})
-    run.set_tags(strategy_class(cfg.strategy.kind).run_tags(cfg))
-    if cfg.backend.name == "horovod":
-        from sparkml_dist.comm.horovod import run_tags as horovod_run_tags
+        try:
+            app_id = spark.conf.get("spark.app.id")
+        except Exception:  # noqa: BLE001 - not exposed on every Connect server
+            app_id = "unknown"
+        run.set_tags({"sparkml_dist.backend": cfg.backend.name,
+                      "sparkml_dist.world_size": tc.num_workers,
+                      "sparkml_dist.device": cfg.backend.device, "spark.app_id": app_id})
+        run.set_tags(strategy_class(cfg.strategy.kind).run_tags(cfg))
+        if cfg.backend.name == "horovod":
+            from sparkml_dist.comm.horovod import run_tags as horovod_run_tags
 
-        run.set_tags(horovod_run_tags(cfg.backend))
-    if resume_run_id:
-        check_resume(run, cfg, prepared.layout)
-    run.log_params({"data.rows_train": sum(prepared.train_shard_sizes),
-                    "data.rows_val": sum(prepared.val_shard_sizes),
-                    "data.rows_dropped": prepared.dropped_rows,
-                    "data.in_features": prepared.in_features,
-                    "data.classes": list(prepared.classes)[:200]})
-    try:
+            run.set_tags(horovod_run_tags(cfg.backend))
+        if resume_run_id:
+            check_resume(run, cfg, prepared.layout)
+        run.log_params({"data.rows_train": sum(prepared.train_shard_sizes),
+                        "data.rows_val": sum(prepared.val_shard_sizes),
+                        "data.rows_dropped": prepared.dropped_rows,
+                        "data.in_features": prepared.in_features,
+                        "data.classes": list(prepared.classes)[:200]})
         with ProgressReporter(run.client, run.run_id, cfg.tracking.progress_interval_s,
                               cfg.tracking.progress):
             results = run_attempts(
@@ -126,6 +135,9 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
             model_uri = _log_final_model(cfg, prepared, run)
         run.log_training_curves()
         _log_phase_times(run, prepared, prepare_s, time.perf_counter() - t_finish)
+    except KeyboardInterrupt:
+        run.finish("KILLED")
+        raise
     except BaseException:
         run.finish("FAILED")
         raise
@@ -150,12 +162,23 @@ def _fit_federated(spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | Non
     try:
         out = fit_federated(spark, df, cfg, run)
         run.log_training_curves()
+    except KeyboardInterrupt:
+        run.finish("KILLED")
+        raise
     except BaseException:
         run.finish("FAILED")
         raise
     run.finish()
     return FitResult(run_id=run.run_id, model_uri=out.get("model_uri"), metrics=out["metrics"],
                      attempts=1, tracking_uri=run.tracking_uri, experiment_id=run.experiment_id)
+
+
+def _master(spark: Any) -> str:
+    """The session's master URL, or "" where it is not exposed (some Connect servers)."""
+    try:
+        return spark.conf.get("spark.master", "") or ""
+    except Exception:  # noqa: BLE001 - Connect may refuse the key
+        return ""
 
 
 def check_resume(run: Any, cfg: JobConfig, layout: Any) -> None:

@@ -53,8 +53,14 @@ def data_layout(cfg: JobConfig) -> DataLayout:
 
 def job_fingerprint(cfg: JobConfig, layout: DataLayout) -> dict[str, Any]:
     """What a checkpoint of this job records and a resumed job must match: the strategy's own
-    settings (:meth:`Strategy.fingerprint_of`), the world size and the data layout."""
+    settings (:meth:`Strategy.fingerprint_of`), the world size, the data layout, the per-rank
+    batch size (it fixes the data order and the schedule's step count) and the model."""
+    from sparkml_dist.config import to_dict
+
     fp = dict(strategy_class(cfg.strategy.kind).fingerprint_of(cfg))
     fp["world_size"] = layout.world_size
     fp["layout"] = [list(s) for s in layout.shards_of_rank]
+    fp["training.batch_size"] = cfg.training.batch_size
+    fp["model.factory"] = cfg.model.factory
+    fp["model.kwargs"] = to_dict(cfg.model.kwargs)
     return fp

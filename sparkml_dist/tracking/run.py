@@ -14,7 +14,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from sparkml_dist.config import JobConfig
+from sparkml_dist.errors import ConfigError
 from sparkml_dist.tracking.mlflow_store import default_tracking_uri
+from sparkml_dist.tracking.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ class JobRun:
         self.client = MlflowClient(self.tracking_uri)
         if resume_run_id:
             run = self.client.get_run(resume_run_id)  # raises a clear MlflowException if unknown
+            if run.info.status == "FINISHED":
+                raise ConfigError(f"run {resume_run_id} is FINISHED: its training completed and "
+                                  "its model was logged, so there is nothing to resume. Start a "
+                                  "new run (omit resume_run_id / --resume).")
             self.run_id = run.info.run_id
             self.attempts_so_far = int(run.data.tags.get(ATTEMPTS_TAG, "0"))
             self.client.set_terminated(self.run_id, "RUNNING")
@@ -53,12 +59,15 @@ class JobRun:
     def _log_config(self, cfg: JobConfig) -> None:
         from mlflow.entities import Param
 
-        params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat().items())]
+        from sparkml_dist.config import from_dict, to_dict
+
+        # Secrets (read options named like passwords or keys, a tracking URI's password) are
+        # redacted in both the params and the resolved config artifact.
+        safe = redact(to_dict(cfg))
+        params = [Param(k, v[:6000]) for k, v in sorted(from_dict(safe).flat().items())]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
-        from sparkml_dist.config import to_dict
-
-        self.client.log_dict(self.run_id, to_dict(cfg), "config/resolved.json")
+        self.client.log_dict(self.run_id, safe, "config/resolved.json")
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
