@@ -9,7 +9,8 @@ back every step. It has no metric logging, validation or checkpoints.
 ``extras`` adds one piece of the library's per-step work at a time, for
 ``bench_step_overhead.py``:
 - ``seed``: ``torch.manual_seed(step_seed(...))`` before every step, as ``train_rank`` does;
-- ``hook``: the library's timed allreduce comm hook instead of DDP's built-in one;
+- ``hook``: the library's timed allreduce comm hook (``strategy.comm_timing_every_steps``)
+  instead of DDP's built-in one;
 - ``shard``: batches gathered from a ``ShardStore`` of 10,000-row chunks (Spark's Arrow batch
   size) instead of indexing one tensor;
 - ``mlflow``: every 10 steps a loss allreduce and, on rank 0, 9 metrics into an MLflow run
@@ -43,10 +44,11 @@ class _Extras:
         self.names, self.rank, self.seed = names, rank, seed
         self.timer = self.store = self.sink = None
         if "hook" in names:
-            from sparkml_dist.comm.torch_dist import _CommTimer, _timed_allreduce_hook
+            from sparkml_dist.strategies.data_parallel.hooks import HookState, allreduce_hook
 
-            self.timer = _CommTimer(None, False)
-            model.register_comm_hook(self.timer, _timed_allreduce_hook)
+            self.timer = HookState(None)
+            self.timer.timed = True  # the hook the library registers when timing is on
+            model.register_comm_hook(self.timer, allreduce_hook)
         if "shard" in names:
             from sparkml_dist.data.shard_store import ShardStore, _Chunk
 
