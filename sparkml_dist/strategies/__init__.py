@@ -9,6 +9,8 @@ Kinds and where they live:
 
 - ``data_parallel``: :mod:`sparkml_dist.strategies.data_parallel` (DDP or Horovod, optional
   gradient compression), resume bitwise.
+- ``gossip``: :mod:`sparkml_dist.strategies.gossip` (decentralized D-PSGD or push-sum over
+  point-to-point sends, ring/torus/exponential/random topologies), resume bitwise.
 - ``federated``: :mod:`sparkml_dist.strategies.federated` (rounds as ordinary Spark stages, run by
   the driver rather than by the barrier loop).
 

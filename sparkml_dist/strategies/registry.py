@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from sparkml_dist.strategies.base import Strategy
 
 # Barrier-loop strategies: kind -> "module:Class" (imported lazily: they import torch).
-_BARRIER = {"data_parallel": "sparkml_dist.strategies.data_parallel.strategy:DataParallel"}
+_BARRIER = {"data_parallel": "sparkml_dist.strategies.data_parallel.strategy:DataParallel",
+            "gossip": "sparkml_dist.strategies.gossip:Gossip"}
 
 
 def strategy_class(kind: str) -> type[Strategy]:
