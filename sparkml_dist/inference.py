@@ -319,19 +319,55 @@ def _as_float32(arr: pa.Array) -> np.ndarray:
     return x if x.flags.writeable else x.copy()  # torch.from_numpy wants a writable buffer
 
 
+def task_device() -> Any:
+    """The GPU Spark assigned to this task (``spark.task.resource.gpu.amount``), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        gpus = ctx.resources().get("gpu") if ctx is not None else None
+    except Exception:  # noqa: BLE001 - outside a Spark task
+        gpus = None
+    if gpus is None or not gpus.addresses:
+        return torch.device("cpu")
+    return torch.device("cuda", int(gpus.addresses[0]))
+
+
+def model_on(model: Any, device: Any) -> Any:
+    """``model`` moved to ``device`` (a torch.export program is left where it was traced)."""
+    if device.type == "cpu" or not hasattr(model, "to"):
+        return model
+    try:
+        return model.to(device)
+    except (NotImplementedError, RuntimeError):
+        log.warning("the model cannot be moved to %s; scoring on the CPU", device)
+        return model
+
+
 def forward(model: Any, x: np.ndarray, batch_size: int, num_outputs: int,
-            softmax: bool) -> np.ndarray:
-    """Model outputs for ``x`` in slices of ``batch_size`` rows (softmax of logits if asked)."""
+            softmax: bool, device: Any = None) -> np.ndarray:
+    """Model outputs for ``x`` in slices of ``batch_size`` rows (softmax of logits if asked).
+
+    On a GPU the whole Arrow batch (at most ``spark.sql.execution.arrow.maxRecordsPerBatch``
+    rows) goes through in one pass: the GPU is fed large slices, and only the outputs come back.
+    """
     import torch
 
     if len(x) == 0:
         return np.empty((0, num_outputs), np.float32)
+    on_gpu = device is not None and device.type == "cuda"
+    step = len(x) if on_gpu else batch_size
     with torch.inference_mode():
-        outs = [model(torch.from_numpy(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+        outs = [model(torch.from_numpy(x[i:i + step]).to(device) if on_gpu else
+                      torch.from_numpy(x[i:i + step])) for i in range(0, len(x), step)]
         y = torch.cat(outs) if len(outs) > 1 else outs[0]
         if softmax:
             y = torch.softmax(y, dim=1)
-        return y.reshape(len(x), -1).numpy()
+        return y.reshape(len(x), -1).float().cpu().numpy()
 
 
 def result_array(spec: ModelSpec, y: np.ndarray, classes: pa.Array | None) -> pa.StructArray:
@@ -349,14 +385,16 @@ def result_array(spec: ModelSpec, y: np.ndarray, classes: pa.Array | None) -> pa
 
 def score_batches(spec: ModelSpec, batches: Iterator[Any]) -> Iterator[pa.Array]:
     """The UDF body: one result array per incoming Arrow batch (an array or a tuple of them)."""
-    model = None
+    model = device = None
     classes = _classes_array(spec.classes) if spec.classes else None
     for batch in batches:
         cols = batch if isinstance(batch, tuple) else (batch,)
         x, mask = feature_matrix(cols, spec.in_features, repr(spec.uri))
         if model is None:  # after the first batch passed its checks: bad data fails fast
-            model = load_torch_model(spec.location, spec.tracking_uri)
-        y = forward(model, x, spec.batch_size, spec.num_outputs, spec.task == "classification")
+            device = task_device()
+            model = model_on(load_torch_model(spec.location, spec.tracking_uri), device)
+        y = forward(model, x, spec.batch_size, spec.num_outputs, spec.task == "classification",
+                    device)
         out = result_array(spec, y, classes)
         if mask is not None:  # null feature rows -> null results (take with null indices)
             out = out.take(pa.array(np.cumsum(mask) - 1, mask=~mask))

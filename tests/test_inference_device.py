@@ -1,0 +1,25 @@
+"""Where the UDF scores: on the task's GPU when Spark assigned one, else on the CPU, with the
+same outputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from sparkml_dist.inference import forward, model_on, task_device
+from sparkml_dist.models import mlp
+
+
+def test_outside_a_gpu_task_scoring_stays_on_the_cpu():
+    assert task_device().type == "cpu" or torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)"))])
+def test_forward_gives_the_same_outputs_on_each_device(device):
+    torch.manual_seed(0)
+    model = mlp(8, 3, hidden=[16]).eval()
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    ref = torch.softmax(model(torch.from_numpy(x)), dim=1).detach().numpy()
+    dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    got = forward(model_on(model, dev), x, 7, 3, True, dev)
+    assert got.shape == (50, 3) and np.allclose(got, ref, atol=1e-5)
