@@ -51,7 +51,7 @@ def _as_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def _concat(parts: list[np.ndarray], shape_tail: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """One contiguous array of ``parts``, emptying the list as it copies (one piece alone: as is)."""
+    """One contiguous array of ``parts``, emptying the list as it copies (a lone piece as is)."""
     if len(parts) == 1:
         return parts.pop()
     out = np.empty((sum(len(p) for p in parts), *shape_tail), dtype=dtype)
@@ -214,7 +214,8 @@ class ShardBuilder:
         if expected is not None:
             bad = ~np.isin(shards, np.asarray(expected, dtype=np.int64))
             if bad.any():
-                who = f"rank {expected[0]}" if len(expected) == 1 else f"a rank of shards {expected}"
+                who = (f"rank {expected[0]}" if len(expected) == 1
+                       else f"a rank of shards {expected}")
                 raise AssertionError(f"{who} received rows of shard {int(shards[bad][0])}; "
                                      "the shard-to-partition mapping is broken")
         return shards
