@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from sparkml_dist.config import JobConfig, load_config
-from sparkml_dist.driver_checks import check_environment, check_prepared
+from sparkml_dist.driver_checks import check_encryption, check_environment, check_prepared
 from sparkml_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     from sparkml_dist.tracking.run import JobRun
 
     cfg = _resolve_config(config, overrides)
+    check_before_launch(cfg)  # strategy/backend pairing: fails before any data is read
     if cfg.tracking.log_model and not cfg.checkpoint.enabled:
         raise ConfigError("tracking.log_model=true needs checkpoint.enabled=true (the model is "
                           "logged from the final checkpoint).")
@@ -91,7 +92,7 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         return _fit_federated(spark, df, cfg, resume_run_id)
     tc = cfg.training
     check_environment(cfg, _master(spark))
-    check_before_launch(cfg)
+    check_encryption(cfg, lambda key: _conf(spark, key))
     check_cluster(spark, tc.num_workers, cfg.backend)
     check_shipping(spark, tc.num_workers, cfg.backend, cfg.tracking)
     t_prepare = time.perf_counter()
@@ -173,12 +174,17 @@ def _fit_federated(spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | Non
                      attempts=1, tracking_uri=run.tracking_uri, experiment_id=run.experiment_id)
 
 
-def _master(spark: Any) -> str:
-    """The session's master URL, or "" where it is not exposed (some Connect servers)."""
+def _conf(spark: Any, key: str) -> str:
+    """A Spark setting of the session, or "" where it is unset or not exposed (Connect)."""
     try:
-        return spark.conf.get("spark.master", "") or ""
+        return spark.conf.get(key, "") or ""
     except Exception:  # noqa: BLE001 - Connect may refuse the key
         return ""
+
+
+def _master(spark: Any) -> str:
+    """The session's master URL, or "" where it is not exposed (some Connect servers)."""
+    return _conf(spark, "spark.master")
 
 
 def check_resume(run: Any, cfg: JobConfig, layout: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -183,6 +184,15 @@ class BackendConfig:
     """Bound on the barrier rendezvous (allGather of rank 0's address and store connect)."""
     fusion_threshold_mb: float = 64.0
     """Horovod tensor fusion buffer (HOROVOD_FUSION_THRESHOLD)."""
+    socket_ifname: str | None = None
+    """Network interface(s) the collectives use on every executor, e.g. ``eth1`` (a comma list
+    or NCCL's ``^``/``=`` prefixes pass through): sets ``GLOO_SOCKET_IFNAME`` and
+    ``NCCL_SOCKET_IFNAME`` (and ``HOROVOD_GLOO_IFACE`` for Horovod) in each rank. Default: the
+    interface the executor's host name resolves to."""
+    allow_unencrypted: bool = False
+    """gloo, NCCL and Horovod send tensors unencrypted. When Spark's ``spark.ssl.enabled`` or
+    ``spark.network.crypto.enabled`` is on, the job is refused unless this is true (as PySpark's
+    TorchDistributor does with ``pytorch.spark.distributor.ignoreSsl``)."""
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.timeout_s) and math.isfinite(self.rendezvous_timeout_s)
@@ -192,6 +202,11 @@ class BackendConfig:
         _check(math.isfinite(self.fusion_threshold_mb) and self.fusion_threshold_mb >= 0,
                f"backend.fusion_threshold_mb must be finite and >= 0; got "
                f"{self.fusion_threshold_mb}.")
+        _check(self.socket_ifname is None
+               or re.fullmatch(r"[\^=]?[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*", self.socket_ifname)
+               is not None,
+               f"backend.socket_ifname must name network interfaces such as 'eth0' or "
+               f"'eth0,eth1' (optionally prefixed by ^ or =); got {self.socket_ifname!r}.")
 
 
 Compressor = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd", "auto"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sparkml_dist.config import JobConfig
@@ -71,3 +71,24 @@ def check_prepared(cfg: JobConfig, train_shard_sizes: Sequence[int],
                 "regression target. Set data.task=regression (with data.split=random and "
                 "data.sharding=random), or data.allow_float_classes=true if every value is a "
                 "class.")
+
+
+ENCRYPTION_CONFS = ("spark.ssl.enabled", "spark.network.crypto.enabled")
+"""Spark settings that say the cluster's traffic must be encrypted."""
+
+
+def check_encryption(cfg: JobConfig, conf: Callable[[str], str | None]) -> None:
+    """Refuse unencrypted collectives on a cluster that encrypts its own traffic, unless
+    ``backend.allow_unencrypted`` is true (then warn). ``conf(key)`` reads a Spark setting."""
+    on = [key for key in ENCRYPTION_CONFS if str(conf(key) or "false").strip().lower() == "true"]
+    if not on:
+        return
+    if cfg.backend.allow_unencrypted:
+        log.warning("%s is on, but backend.allow_unencrypted=true: the %s backend's collectives "
+                    "(tensors, gradients) cross the network unencrypted", " and ".join(on),
+                    cfg.backend.name)
+        return
+    raise ConfigError(f"this cluster encrypts its traffic ({', '.join(k + '=true' for k in on)}), "
+                      f"but backend.name={cfg.backend.name} sends tensors between executors "
+                      "unencrypted (gloo, NCCL and Horovod have no encryption). Set "
+                      "backend.allow_unencrypted=true to train anyway on a network you trust.")

@@ -8,7 +8,9 @@ layout and publishes its ``host:port``; every rank then joins with
 
 Environment variables this module sets in the executor's Python worker before ``hvd.init()``
 (Horovod reads them there): ``HOROVOD_FUSION_THRESHOLD`` (bytes, from
-``backend.fusion_threshold_mb``) plus the rendezvous variables of
+``backend.fusion_threshold_mb``), ``HOROVOD_STALL_CHECK_TIME_SECONDS`` and
+``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (from ``backend.timeout_s``, :func:`horovod_tuning_env`)
+plus the rendezvous variables of
 :func:`~sparkml_dist.comm.horovod_gloo.horovod_env` (``HOROVOD_GLOO_TIMEOUT_SECONDS`` from
 ``backend.timeout_s`` among them).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import logging
+import math
 import os
 import socket
 from typing import Any
@@ -64,6 +67,24 @@ def run_tags(cfg: BackendConfig) -> dict[str, str]:
 def fusion_threshold_bytes(cfg: BackendConfig) -> int:
     """``HOROVOD_FUSION_THRESHOLD`` for ``backend.fusion_threshold_mb`` (MiB)."""
     return int(cfg.fusion_threshold_mb * 2**20)
+
+
+def horovod_tuning_env(cfg: BackendConfig) -> dict[str, str]:
+    """``HOROVOD_FUSION_THRESHOLD`` plus the stall check from ``backend.timeout_s``: a rank that
+    stops submitting tensors is reported after half the timeout and the job shut down after the
+    whole of it (Horovod's defaults warn after 60 s and never shut down)."""
+    timeout = max(2, math.ceil(cfg.timeout_s))
+    return {"HOROVOD_FUSION_THRESHOLD": str(fusion_threshold_bytes(cfg)),
+            "HOROVOD_STALL_CHECK_TIME_SECONDS": str(max(1, timeout // 2)),
+            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(timeout)}
+
+
+def gloo_iface(cfg: BackendConfig) -> str | None:
+    """Horovod's Gloo interface (``HOROVOD_GLOO_IFACE``, one name) for ``backend.socket_ifname``:
+    its first interface, or None (route detection) for an unset or excluding (``^``) value."""
+    if cfg.socket_ifname is None or cfg.socket_ifname.startswith("^"):
+        return None
+    return cfg.socket_ifname.lstrip("=").split(",")[0]
 
 
 def import_horovod(device: torch.device) -> Any:
@@ -149,10 +170,10 @@ class HorovodCommunicator:
                 raise
             kv.set("rendezvous", f"{endpoint.host}:{port}")
         addr, port_s = kv.get("rendezvous", "Horovod's rendezvous address").rsplit(":", 1)
-        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(fusion_threshold_bytes(cfg))
+        os.environ.update(horovod_tuning_env(cfg))
         try:
             init_horovod(self.rank, self.world_size, addr, int(port_s), hostnames[self.rank],
-                         endpoint.timeout_s, hostnames=hostnames)
+                         endpoint.timeout_s, hostnames=hostnames, iface=gloo_iface(cfg))
         except BaseException:
             self._stop_server()
             raise

@@ -14,6 +14,7 @@ import re
 import time
 from typing import Any, Callable
 
+from sparkml_dist.comm.sealed_store import new_secret
 from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import USER_ERROR_MARKER, TrainingFailed, UserCodeError
 from sparkml_dist.spark.prepare import PreparedData
@@ -81,7 +82,8 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
         plan = RankPlan(in_features=prepared.in_features, num_outputs=prepared.num_outputs,
                         train_shard_sizes=prepared.train_shard_sizes, layout=prepared.layout,
                         attempt=attempt)
-        spec = TaskSpec(config=cfg, plan=plan, run_id=run.run_id, tracking_uri=run.tracking_uri)
+        spec = TaskSpec(config=cfg, plan=plan, run_id=run.run_id, tracking_uri=run.tracking_uri,
+                        secret=new_secret())
         run.record_attempt(attempt)
         log.info("launching attempt %d: a barrier stage of %d ranks", attempt,
                  prepared.num_workers)

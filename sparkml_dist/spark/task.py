@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -34,6 +34,8 @@ class TaskSpec:
     plan: RankPlan
     run_id: str
     tracking_uri: str
+    secret: str = field(repr=False)
+    """This attempt's rendezvous secret (:mod:`sparkml_dist.comm.sealed_store`); never logged."""
 
 
 class _LogTail(logging.Handler):
@@ -107,7 +109,7 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     cfg = spec.config
     _preimport()
     endpoint, store = barrier_rendezvous(ctx, spec.plan.attempt, cfg.backend.rendezvous_timeout_s,
-                                         cfg.backend.timeout_s)
+                                         cfg.backend.timeout_s, spec.secret)
     t_feed = time.perf_counter()
     builder = ShardBuilder(spec.plan.in_features, int(cfg.data.shard_memory_mb * 2**20),
                            cfg.data.spill_dir,

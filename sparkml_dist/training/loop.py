@@ -24,7 +24,7 @@ from sparkml_dist.config import JobConfig
 from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.data.sharding import batch_indices, epoch_order, steps_per_epoch
 from sparkml_dist.data.shard_store import ShardStore
-from sparkml_dist.errors import CheckpointError
+from sparkml_dist.errors import USER_ERROR_MARKER, CheckpointError, UserCodeError
 from sparkml_dist.strategies.base import RankContext, Strategy
 from sparkml_dist.training.feed import make_feed
 from sparkml_dist.training.checkpoint import (
@@ -259,6 +259,7 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
         if done % tc.log_every_steps == 0 or end_of_epoch:
             agg = comm.all_reduce(torch.stack([loss_acc.cpu(), torch.tensor(
                 float(loss_n), dtype=torch.float64)]), "sum")
+            check_finite_loss(agg[0], done)  # the same sum on every rank: all stop together
             elapsed = time.perf_counter() - window_t0
             window_t0 = time.perf_counter()  # the time spent reporting counts in the next window
             metrics = window_metrics(agg, elapsed, loss_n, tc.batch_size * comm.world_size,
@@ -276,6 +277,8 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
                 sink.log_metrics(val_metrics, done)
         every = cfg.checkpoint.every_steps
         if checkpoints is not None and (end_of_epoch or (every and done % every == 0)):
+            if loss_n:  # steps since the last window: never checkpoint a non-finite model
+                check_finite_loss(comm.all_reduce(torch.stack([loss_acc.cpu()]), "sum")[0], done)
             t0 = time.perf_counter()
             meta = save(checkpoints, comm, strategy,
                         {"steps_done": done, "epoch": epoch, "step_in_epoch": s + 1,
@@ -285,6 +288,17 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
                 sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t0,
                                   "checkpoint/size_mb": size / 2**20}, done)
     return metrics
+
+
+def check_finite_loss(loss_sum: torch.Tensor, step: int) -> None:
+    """Stop training if the ranks' summed loss is NaN or infinite (the checkpoint before it is
+    kept: this runs before any checkpoint of ``step``)."""
+    if not torch.isfinite(loss_sum):
+        raise UserCodeError(
+            f"{USER_ERROR_MARKER} the training loss became {float(loss_sum)} by step {step}; "
+            "training stopped on every rank and the last checkpoint before it is kept. Lower "
+            "optimizer.lr (or add warm-up), check the features for extreme or non-finite "
+            "values, or scale them.")
 
 
 def window_metrics(agg: torch.Tensor, elapsed: float, steps: int, global_batch: int,
