@@ -3,6 +3,7 @@ attempt's secret can read, write or join it; interface and encryption settings."
 
 import datetime
 import multiprocessing as mp
+import os
 
 import psutil
 import pytest
@@ -150,3 +151,47 @@ def test_encrypted_cluster_refuses_unencrypted_collectives_unless_allowed(key, c
     assert "unencrypted" in caplog.text
     check_encryption(JobConfig(), {}.get)  # plain cluster: nothing to refuse
     check_encryption(JobConfig(), {key: "false"}.get)
+
+
+def _horovod_rank(rank: int, port: int, secret: str, out: "mp.Queue") -> None:
+    import socket
+
+    from sparkml_dist.comm.base import Endpoint
+    from sparkml_dist.comm.horovod import HorovodCommunicator, _StoreKV
+
+    try:
+        raw = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=TIMEOUT)
+        store = SealedStore(raw, secret)
+        ep = Endpoint(rank=rank, world_size=2, host="127.0.0.1", port=port, attempt=0,
+                      timeout_s=30.0)
+        cfg = JobConfig().replace(**{"backend.name": "horovod", "backend.timeout_s": 30.0}).backend
+        comm = HorovodCommunicator(ep, torch.device("cpu"), cfg, store)
+        comm.barrier()  # every rank's communicator is built (rank 0's included)
+        host, server_port = _StoreKV(store, 0, rank, 10.0).get("rendezvous", "addr").rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(server_port)), timeout=5).close()
+            server = "still listening"
+        except ConnectionRefusedError:
+            server = "stopped"
+        t = comm.all_reduce(torch.full((2,), float(rank + 1)), "sum")
+        stall = os.environ.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")
+        comm.close()
+        out.put((rank, (server, t.tolist(), stall)))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+def test_horovod_joins_over_the_sealed_store_and_stops_its_rendezvous_server():
+    master = host_store("127.0.0.1", 3, 30.0)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    secret = new_secret()
+    procs = [ctx.Process(target=_horovod_rank, args=(r, master.port, secret, out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(30)
+    # Every rank passed hvd.init(): the HTTP rendezvous server no longer accepts connections.
+    assert results == {r: ("stopped", [3.0, 3.0], "30") for r in range(2)}, results
