@@ -11,6 +11,12 @@ pandas) loads the model once per Python worker (:func:`load_torch_model`'s cache
 Classification returns ``struct<prediction: <label type>, probability: array<float>>`` with the
 label decoded back to the training values; regression returns ``struct<prediction: double>``. A row
 with a null feature gets a null result.
+
+Trust: loading a model saved with pickle runs code from its artifacts on every executor, so a
+model URI must come from a store and a writer you trust. ``allow_pickle=False`` refuses pickle
+formats: only ``torch.export`` (``pt2``) archives load (what ``fit`` logs), and MLflow checks that
+they hold tensors and plain data only (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` while the
+executor loads the model).
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ class PredictConfig:
     """Input columns copied to the output next to the predictions; unset keeps them all."""
     task: Task | None = None
     """Override the task read from the model (needed only for models not logged by ``fit``)."""
+    allow_pickle: bool = True
+    """False: refuse models saved with pickle (they run code from the artifacts when loaded);
+    only pickle-free ``torch.export`` archives load."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model_uri), "model_uri must be set, e.g. runs:/<run_id>/model.")
@@ -95,6 +104,8 @@ class ModelSpec:
     classes: tuple[Any, ...] = ()
     """Label values by output index (classification); empty means the index is the label."""
     batch_size: int = 1024
+    allow_pickle: bool = True
+    """False: executors load the model with MLflow's pickle deserialization turned off."""
 
     def return_type(self) -> Any:
         """The Spark struct type the UDF returns."""
@@ -116,8 +127,9 @@ class ModelSpec:
 
 
 def resolve_model(model_uri: str, *, tracking_uri: str | None = None, task: Task | None = None,
-                  batch_size: int = 1024) -> ModelSpec:
-    """Read ``model_uri``'s MLmodel and check it can be scored; pin it to its artifacts."""
+                  batch_size: int = 1024, allow_pickle: bool = True) -> ModelSpec:
+    """Read ``model_uri``'s MLmodel and check it can be scored; pin it to its artifacts.
+    ``allow_pickle=False`` refuses a model saved with pickle, here on the driver."""
     from mlflow.models import Model
     from mlflow.tracking import MlflowClient
 
@@ -144,13 +156,34 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None, task: Task
         raise ConfigError(f"model {model_uri!r} has flavors {', '.join(model.flavors)}; "
                           "sparkml_dist scores PyTorch models. Use mlflow.pyfunc.spark_udf for "
                           "other flavors.")
+    if not allow_pickle:
+        _check_pickle_free(model, root, tracking, model_uri)
     in_features, num_outputs = _signature_widths(model, model_uri)
     classes = tuple(json.loads((model.metadata or {}).get("classes", "[]")))
     resolved = _resolve_task(model_uri, task, classes, num_outputs)
     return ModelSpec(uri=model_uri, location=root, tracking_uri=tracking,
                      in_features=in_features, num_outputs=num_outputs or (len(classes) or 1),
                      task=resolved, classes=classes if resolved == "classification" else (),
-                     batch_size=batch_size)
+                     batch_size=batch_size, allow_pickle=allow_pickle)
+
+
+PT2_FILE = "model.pt2"
+"""The file of a ``torch.export`` archive in an MLflow PyTorch model's data directory."""
+
+
+def _check_pickle_free(model: Any, root: str, tracking_uri: str, uri: str) -> None:
+    """Refuse a model whose data is not a ``torch.export`` archive (pickle formats run code)."""
+    import mlflow.artifacts
+
+    data = model.flavors["pytorch"].get("model_data", "data")
+    names = {a.path.rsplit("/", 1)[-1] for a in mlflow.artifacts.list_artifacts(
+        artifact_uri=f"{root.rstrip('/')}/{data}", tracking_uri=tracking_uri)}
+    if PT2_FILE not in names:
+        raise ConfigError(f"model {uri!r} is saved with pickle ({', '.join(sorted(names))}), "
+                          "which runs code from its artifacts when loaded; allow_pickle=False "
+                          "refuses it. Log it with mlflow.pytorch.log_model(..., "
+                          "serialization_format='pt2') (what fit does), or pass "
+                          "allow_pickle=True if you trust the model's source.")
 
 
 def _download(uri: str, tracking_uri: str, dst: str | None = None) -> str:
@@ -230,15 +263,37 @@ _MODELS: dict[tuple[str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def load_torch_model(location: str, tracking_uri: str) -> Any:
-    """The model at ``location``, loaded once per process (keyed by location + tracking URI)."""
-    key = (location, tracking_uri)
+def load_torch_model(location: str, tracking_uri: str, allow_pickle: bool = True) -> Any:
+    """The model at ``location``, loaded once per process (keyed by location, tracking URI and
+    ``allow_pickle``; False loads with MLflow's pickle deserialization turned off)."""
+    key = (location, tracking_uri, allow_pickle)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
-            model = _load(location, tracking_uri)
+            if allow_pickle:
+                model = _load(location, tracking_uri)
+            else:
+                model = _without_pickle(lambda: _load(location, tracking_uri))
             _MODELS[key] = model
     return model
+
+
+_NO_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+
+def _without_pickle(load: Callable[[], Any]) -> Any:
+    """Run ``load`` with MLflow's pickle deserialization off (read at load time; restored)."""
+    import os
+
+    previous = os.environ.get(_NO_PICKLE_ENV)
+    os.environ[_NO_PICKLE_ENV] = "false"
+    try:
+        return load()
+    finally:
+        if previous is None:
+            os.environ.pop(_NO_PICKLE_ENV, None)
+        else:
+            os.environ[_NO_PICKLE_ENV] = previous
 
 
 def _load(location: str, tracking_uri: str) -> Any:
@@ -392,7 +447,8 @@ def score_batches(spec: ModelSpec, batches: Iterator[Any]) -> Iterator[pa.Array]
         x, mask = feature_matrix(cols, spec.in_features, repr(spec.uri))
         if model is None:  # after the first batch passed its checks: bad data fails fast
             device = task_device()
-            model = model_on(load_torch_model(spec.location, spec.tracking_uri), device)
+            model = model_on(load_torch_model(spec.location, spec.tracking_uri,
+                                              spec.allow_pickle), device)
         y = forward(model, x, spec.batch_size, spec.num_outputs, spec.task == "classification",
                     device)
         out = result_array(spec, y, classes)
@@ -415,7 +471,7 @@ def _spark_udf(spec: ModelSpec) -> Any:
 
 
 def predict_udf(model_uri: str, *, tracking_uri: str | None = None, batch_size: int = 1024,
-                task: Task | None = None) -> Callable[..., Any]:
+                task: Task | None = None, allow_pickle: bool = True) -> Callable[..., Any]:
     """A Spark UDF scoring rows with the PyTorch model at ``model_uri``.
 
     Call it with one array column (``predict("features")``) or with the model's numeric feature
@@ -429,8 +485,12 @@ def predict_udf(model_uri: str, *, tracking_uri: str | None = None, batch_size: 
         tracking_uri: where the model lives; executors use it too (default as for training).
         batch_size: rows per forward pass.
         task: override the task read from the model's metadata.
+        allow_pickle: False refuses models saved with pickle, which run code from the model's
+            artifacts on every executor; only pickle-free ``torch.export`` archives load. With
+            True, the model URI must come from a source you trust.
     """
-    spec = resolve_model(model_uri, tracking_uri=tracking_uri, task=task, batch_size=batch_size)
+    spec = resolve_model(model_uri, tracking_uri=tracking_uri, task=task, batch_size=batch_size,
+                         allow_pickle=allow_pickle)
     raw = _spark_udf(spec)
 
     def predict(*cols: Any) -> Any:
@@ -447,9 +507,11 @@ def predict_udf(model_uri: str, *, tracking_uri: str | None = None, batch_size: 
 
 def register_predict_udf(spark: Any, name: str, model_uri: str, *,
                          tracking_uri: str | None = None, batch_size: int = 1024,
-                         task: Task | None = None) -> Callable[..., Any]:
+                         task: Task | None = None, allow_pickle: bool = True
+                         ) -> Callable[..., Any]:
     """Register :func:`predict_udf` as SQL function ``name``: ``SELECT name(features) FROM t``."""
-    udf = predict_udf(model_uri, tracking_uri=tracking_uri, batch_size=batch_size, task=task)
+    udf = predict_udf(model_uri, tracking_uri=tracking_uri, batch_size=batch_size, task=task,
+                      allow_pickle=allow_pickle)
     spark.udf.register(name, udf)
     return udf
 
@@ -494,10 +556,12 @@ def feature_columns(df: Any, spec: ModelSpec, features_col: str | None,
 def predict(df: Any, model_uri: str, *, features_col: str | None = None,
             feature_cols: Sequence[str] = (), tracking_uri: str | None = None,
             batch_size: int = 1024, task: Task | None = None,
-            keep_cols: Sequence[str] | None = None) -> Any:
+            keep_cols: Sequence[str] | None = None, allow_pickle: bool = True) -> Any:
     """``df``'s ``keep_cols`` (default: all) plus ``prediction`` (and ``probability``) columns,
-    with the feature columns checked on the driver before any job runs."""
-    udf = predict_udf(model_uri, tracking_uri=tracking_uri, batch_size=batch_size, task=task)
+    with the feature columns checked on the driver before any job runs (``allow_pickle`` as for
+    :func:`predict_udf`)."""
+    udf = predict_udf(model_uri, tracking_uri=tracking_uri, batch_size=batch_size, task=task,
+                      allow_pickle=allow_pickle)
     spec: ModelSpec = udf.spec  # type: ignore[attr-defined]
     cols = feature_columns(df, spec, features_col, feature_cols)
     keep = list(df.columns if keep_cols is None else keep_cols)
@@ -534,7 +598,8 @@ def run_prediction(cfg: PredictConfig, spark: Any = None) -> BatchPrediction:
                                        read_options=cfg.read_options))
     scored = predict(df, cfg.model_uri, features_col=cfg.features_col,
                      feature_cols=cfg.feature_cols, tracking_uri=cfg.tracking_uri,
-                     batch_size=cfg.batch_size, task=cfg.task, keep_cols=cfg.keep_cols)
+                     batch_size=cfg.batch_size, task=cfg.task, keep_cols=cfg.keep_cols,
+                     allow_pickle=cfg.allow_pickle)
     scored.write.mode(cfg.mode).parquet(cfg.output)
     rows = spark.read.parquet(cfg.output).count()
     log.info("wrote %d predictions of %s to %s", rows, cfg.model_uri, cfg.output)
