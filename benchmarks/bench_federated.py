@@ -114,8 +114,8 @@ def throughput(spark, tracking_uri, counts: list[int], rows_per_client: int, rou
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.95)
-    ap.add_argument("--fedavg-max-rounds", type=int, default=40)
-    ap.add_argument("--fedsgd-max-rounds", type=int, default=200)
+    ap.add_argument("--fedavg-max-rounds", type=int, default=25)
+    ap.add_argument("--fedsgd-max-rounds", type=int, default=150)
     ap.add_argument("--fedsgd-eval-every", type=int, default=5)
     ap.add_argument("--fedsgd-lr", type=float, default=0.5)
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])

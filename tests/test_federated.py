@@ -37,14 +37,16 @@ def _cfg(tracking_uri: str, *, val_fraction: float = 0.2, lr: float = 0.2, momen
         tracking=TrackingConfig(tracking_uri=tracking_uri, log_model=False, progress=False))
 
 
-def _fit(spark, df, cfg, fed, resume_run_id=None):
+def _fit(spark, df, cfg, fed, resume_run_id=None, finish=True):
+    """``finish=False`` leaves the run RUNNING, as a driver that died would."""
     run = JobRun(cfg, resume_run_id)
     try:
         out = fit_federated(spark, df, cfg, run, fed)
     except BaseException:
         run.finish("FAILED")
         raise
-    run.finish()
+    if finish:
+        run.finish()
     return out, run
 
 
@@ -187,8 +189,9 @@ def test_sample_level_dp_sgd_reports_the_worst_clients_epsilon(spark, iid20, tra
 
 def test_a_killed_client_task_is_retried_and_counted_once_and_resume_is_bitwise(
         spark, iid20, tracking_uri):
+    # FedAdam: the server's moments must come back from the checkpoint for resume to be bitwise.
     base = dict(client_col="client", rounds=3, local_epochs=1, clients_per_round=8,
-                eval_every_rounds=10)
+                eval_every_rounds=10, server_optimizer="fedadam", server_lr=0.01)
     cfg = _cfg(tracking_uri)
     clean, _ = _fit(spark, iid20, cfg, FederatedConfig(**base))
     crashed, run = _fit(spark, iid20, cfg, FederatedConfig(
@@ -197,7 +200,8 @@ def test_a_killed_client_task_is_retried_and_counted_once_and_resume_is_bitwise(
     assert _history(run, "fed/retried_tasks")[1] >= 1  # round 2 came from a retried task
     assert torch.equal(crashed["weights"], clean["weights"])
 
-    first, run1 = _fit(spark, iid20, cfg, FederatedConfig(**{**base, "rounds": 1}))
+    # A driver that dies after round 1 (its run left RUNNING), then the job resumed in that run.
+    _, run1 = _fit(spark, iid20, cfg, FederatedConfig(**{**base, "rounds": 1}), finish=False)
     resumed, run2 = _fit(spark, iid20, cfg, FederatedConfig(**base), resume_run_id=run1.run_id)
     assert run2.run_id == run1.run_id and resumed["rounds"] == 3
     assert torch.equal(resumed["weights"], clean["weights"])

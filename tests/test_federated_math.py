@@ -45,7 +45,8 @@ def test_fedprox_term_and_its_gradient():
     p = torch.randn(5, requires_grad=True)
     a = torch.randn(5)
     term = proximal_term([p], [a], mu=0.3)
-    assert float(term.detach()) == pytest.approx(0.15 * float(((p.detach() - a) ** 2).sum()), rel=1e-6)
+    expected = 0.15 * float(((p.detach() - a) ** 2).sum())
+    assert float(term.detach()) == pytest.approx(expected, rel=1e-6)
     term.backward()
     np.testing.assert_allclose(p.grad.numpy(), (0.3 * (p - a)).detach().numpy(), rtol=1e-6)
 

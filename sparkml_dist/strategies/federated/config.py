@@ -152,8 +152,8 @@ class FederatedConfig:
         _check(self.server_lr > 0, f"strategy.server_lr must be > 0; got {self.server_lr}.")
         _check(0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1 and self.server_tau > 0,
                "strategy.server_beta1/server_beta2 must be in [0, 1) and server_tau > 0.")
-        _check(0 < self.min_answered_fraction <= 1,
-               f"strategy.min_answered_fraction must be in (0, 1]; got {self.min_answered_fraction}.")
+        _check(0 < self.min_answered_fraction <= 1, "strategy.min_answered_fraction must be in "
+               f"(0, 1]; got {self.min_answered_fraction}.")
         _check(self.eval_every_rounds >= 1, "strategy.eval_every_rounds must be >= 1.")
         _check(self.round_timeout_s > 0, "strategy.round_timeout_s must be > 0.")
         _check(0 <= self.simulate_dropout < 1,

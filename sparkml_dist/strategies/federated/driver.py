@@ -83,9 +83,12 @@ def prepare_clients(spark: Any, df: DataFrame, cfg: JobConfig, fed: FederatedCon
     if not clients:
         raise DataError("no training rows are left for any client; lower data.val_fraction.")
     # Laid out by client once: every round's groupBy(client) then reuses this partitioning
-    # (no shuffle per round, and clients spread over the task slots).
+    # (no shuffle per round, and clients spread over the task slots), and a client's rows reach
+    # it in content-hash order, so a retried task or a resumed job sees the same row order.
     parts = max(1, min(len(clients), int(spark.conf.get("spark.sql.shuffle.partitions", "200"))))
-    train = frame.repartition(parts, F.col(CLIENT)).persist()
+    train = (frame.repartition(parts, F.col(CLIENT))
+             .sortWithinPartitions(CLIENT, F.xxhash64(F.col(FEATURES), F.col(LABEL)))
+             .persist())
     log.info("federated data: %d clients, %d training rows (%d to %d per client)",
              len(clients), sum(counts.values()), min(counts.values()), max(counts.values()))
     return ClientData(train=train, val=val, clients=clients,
@@ -289,7 +292,9 @@ def _run(spark: Any, data: ClientData, cfg: JobConfig, fed: FederatedConfig,
                 log.warning("stopping: %s", msg)
                 run.set_tags({"sparkml_dist.federated.stopped": msg})
                 break
-        final = _round_and_log(spark, data, spec, cfg, fed, server, r, sampled, job_key, run)
+        # Validation metrics carry over from the round that last evaluated.
+        final = {**final, **_round_and_log(spark, data, spec, cfg, fed, server, r, sampled,
+                                           job_key, run)}
         eps = final.get("privacy/epsilon", eps)
         if store is not None:
             server.save(store, fed)
