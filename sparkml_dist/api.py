@@ -212,12 +212,33 @@ def final_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
     return loaded[0]["model"]
 
 
+def best_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
+    """The model ``state_dict`` of a run's best epoch (``training.early_stopping.keep_best``)."""
+    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
+    from sparkml_dist.training.checkpoint import BEST_NAME, SHARED_PART, load_part
+
+    store = MlflowCheckpointStore(tracking_uri, run_id)
+    try:
+        meta = store.read_meta(BEST_NAME)
+    except Exception as exc:  # noqa: BLE001 - reported with what to do
+        raise ConfigError(f"run {run_id} has no best-epoch model ({type(exc).__name__}: {exc}); "
+                          "it is written when training.early_stopping.keep_best is set and an "
+                          "epoch's validation improves.") from exc
+    log.info("logging the model of the best epoch (%s at epoch %s)",
+             meta.early_stopping.get("best"), meta.early_stopping.get("best_epoch"))
+    return load_part(store, BEST_NAME, meta, SHARED_PART)["model"]
+
+
 def _log_final_model(cfg: JobConfig, prepared: Any, run: Any) -> str:
     from sparkml_dist.models import build_model
 
     model = build_model(cfg.model.factory, prepared.in_features, prepared.num_outputs,
                         cfg.model.kwargs)
-    model.load_state_dict(final_state(run.run_id, run.tracking_uri))
+    es = cfg.training.early_stopping
+    if es is not None and es.keep_best:
+        model.load_state_dict(best_state(run.run_id, run.tracking_uri))
+    else:
+        model.load_state_dict(final_state(run.run_id, run.tracking_uri))
     # Rows collected by preparation's first pass: nothing here reads the data again.
     example = np.asarray(prepared.example_features, dtype=np.float32)
     return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name)

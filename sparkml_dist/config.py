@@ -143,6 +143,39 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EarlyStoppingConfig:
+    """``training.early_stopping``: stop when a validation metric stops improving (needs
+    ``data.val_fraction > 0``). Every rank stops after the same epoch; the last checkpoint is
+    marked final."""
+
+    metric: Literal["val/loss", "val/accuracy", "val/rmse"] = "val/loss"
+    """Validation metric watched after each epoch (``val/accuracy`` for classification,
+    ``val/rmse`` for regression, ``val/loss`` for both)."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """``min``: lower is better; ``max``: higher is better; ``auto``: ``max`` for accuracy,
+    ``min`` otherwise."""
+    patience: int = 3
+    """Epochs in a row without improvement after which training stops."""
+    min_delta: float = 0.0
+    """An epoch improves only when it beats the best value by more than this."""
+    keep_best: bool = False
+    """Log the model of the best epoch (not the last one) as the run's model."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.patience, int) and self.patience >= 1,
+               f"training.early_stopping.patience must be an integer >= 1 (epochs); got "
+               f"{self.patience!r}.")
+        _check(math.isfinite(self.min_delta) and self.min_delta >= 0,
+               f"training.early_stopping.min_delta must be finite and >= 0; got {self.min_delta}.")
+
+    def resolved_mode(self) -> str:
+        """``min`` or ``max``, with ``auto`` resolved from the metric."""
+        if self.mode != "auto":
+            return self.mode
+        return "max" if self.metric == "val/accuracy" else "min"
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
     """The distributed training loop."""
 
@@ -156,6 +189,8 @@ class TrainingConfig:
     """Seed for splits, shards, data order and model initialisation."""
     log_every_steps: int = 10
     """Rank 0 logs train metrics every this many steps."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop on a validation metric (None: always run every epoch)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"training.num_workers must be >= 1; got {self.num_workers}.")
@@ -403,6 +438,7 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        _check_early_stopping(self)
         st = self.strategy
         if isinstance(st, DataParallelConfig) and st.backward_passes_per_step > 1:
             _check(self.backend.name == "horovod",
@@ -435,6 +471,23 @@ class JobConfig:
             walk(f"{section.name}.", to_dict(getattr(self, section.name)),
                  getattr(self, section.name))
         return out
+
+
+def _check_early_stopping(cfg: JobConfig) -> None:
+    es = cfg.training.early_stopping
+    if es is None:
+        return
+    _check(cfg.data.val_fraction > 0,
+           "training.early_stopping watches a validation metric, but data.val_fraction is 0 (no "
+           "validation split); set data.val_fraction > 0 or remove training.early_stopping.")
+    valid = {"classification": ("val/loss", "val/accuracy"), "regression": ("val/loss", "val/rmse")}
+    allowed = valid.get(cfg.data.task, ("val/loss",))
+    _check(es.metric in allowed,
+           f"training.early_stopping.metric {es.metric!r} is not reported for data.task "
+           f"{cfg.data.task!r}; use one of {', '.join(allowed)}.")
+    _check(cfg.checkpoint.enabled or not es.keep_best,
+           "training.early_stopping.keep_best keeps the best epoch's model with the checkpoints, "
+           "but checkpoint.enabled is false; enable checkpoints or set keep_best: false.")
 
 
 # ---------------------------------------------------------------------------------------------

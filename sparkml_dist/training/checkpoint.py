@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 SHARED_PART = "shared.pt"
 META_FILE = "meta.json"
+BEST_NAME = "best"
+"""Directory of the best epoch's model (``training.early_stopping.keep_best``): a checkpoint in
+the same format holding ``{"model": state_dict}`` in its shared part. Its name has no ``ckpt-``
+prefix, so pruning and resume never see it."""
 
 
 def part_file(rank: int) -> str:
@@ -66,6 +70,8 @@ class CheckpointMeta:
     """File name -> ``{"sha256", "size_bytes"}`` of every part."""
     fingerprint: dict[str, Any] = field(default_factory=dict)
     """What a resumed job must match: strategy settings, world size, data layout."""
+    early_stopping: dict[str, Any] = field(default_factory=dict)
+    """State of the early-stopping rule after this checkpoint's step (empty when unused)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -26,9 +26,10 @@ from sparkml_dist.data.sharding import batch_indices, epoch_order, steps_per_epo
 from sparkml_dist.data.shard_store import ShardStore
 from sparkml_dist.errors import USER_ERROR_MARKER, CheckpointError, UserCodeError
 from sparkml_dist.strategies.base import RankContext, Strategy
+from sparkml_dist.training.early_stopping import EarlyStopping, EarlyStoppingState
 from sparkml_dist.training.feed import make_feed
 from sparkml_dist.training.checkpoint import (
-    SHARED_PART, CheckpointMeta, CheckpointStore, check_fingerprint, dir_name, latest_loadable,
+    BEST_NAME, META_FILE, SHARED_PART, CheckpointMeta, CheckpointStore, check_fingerprint, dir_name, latest_loadable,
     load_part, part_file, store_part)
 from sparkml_dist.training.objective import loss_fn, prepare_target
 
@@ -213,32 +214,76 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
     probe_x, probe_y = train.gather(np.arange(min(len(train), tc.batch_size)))
     strategy.probe(probe_x.to(device), probe_y.to(device))
     fingerprint = job_fingerprint(cfg, plan.data_layout())
-    start = 0
+    start, end = 0, total
     restored = restore(checkpoints, comm, fingerprint) if checkpoints is not None else None
+    stopper = make_stopper(cfg, restored[2] if restored is not None else None)
     if restored is not None:
         shared, part, meta = restored
         strategy.load_state(shared, part)
         start = meta.steps_done
+        end = start if meta.final else total  # a final checkpoint (early stop) ends the job
         log.info("rank %d resumes from the checkpoint at step %d of %d", rank, start, total)
     strategy.start()
     try:
-        metrics = _run_steps(cfg, plan, comm, strategy, train, val, device, sink, checkpoints,
-                             fingerprint, start, steps, total)
+        metrics, end = _run_steps(cfg, plan, comm, strategy, train, val, device, sink,
+                                  checkpoints, fingerprint, start, steps, (end, total), stopper)
     finally:
         strategy.close()
     sink.flush()
-    if start == total and cfg.data.val_fraction > 0:  # resumed after the last step
+    if start == end and cfg.data.val_fraction > 0:  # resumed after the last step
         metrics.update(evaluate(strategy.eval_module(), val, comm, cfg.data.task,
                                 tc.batch_size * 4, device))
     comm.barrier()
-    return RankResult(steps_done=total, resumed_from=start,
+    return RankResult(steps_done=end, resumed_from=start,
                       metrics={k: float(v) for k, v in metrics.items()})
+
+
+def make_stopper(cfg: JobConfig, meta: CheckpointMeta | None) -> EarlyStopping | None:
+    """The early-stopping rule of ``training.early_stopping`` (None when unset), continuing
+    from the state a resumed checkpoint recorded."""
+    es = cfg.training.early_stopping
+    if es is None:
+        return None
+    state = EarlyStoppingState.from_dict(meta.early_stopping) if meta is not None else None
+    return EarlyStopping(es.resolved_mode(), es.patience, es.min_delta, state)
+
+
+def _early_stop(cfg: JobConfig, stopper: EarlyStopping, comm: Communicator,
+                checkpoints: CheckpointStore | None, module: nn.Module,
+                val_metrics: dict[str, float], epoch: int, done: int,
+                fingerprint: dict[str, Any]) -> bool:
+    """Feed the epoch's validation metric to the rule; rank 0 decides and broadcasts, so every
+    rank stops after the same epoch. With ``keep_best``, rank 0 stores an improving epoch's
+    model under :data:`BEST_NAME`. Returns whether training stops now."""
+    es = cfg.training.early_stopping
+    assert es is not None
+    decision: Any = None
+    if comm.rank == 0:
+        improved = stopper.update(val_metrics[es.metric], epoch + 1)
+        decision = (improved, stopper.state.to_dict())
+    improved, state = comm.broadcast_object(decision, 0)
+    stopper.state = EarlyStoppingState.from_dict(state)
+    if improved and es.keep_best and checkpoints is not None and comm.rank == 0:
+        parts = {SHARED_PART: store_part(checkpoints, BEST_NAME, SHARED_PART,
+                                         {"model": module.state_dict()})}
+        meta = CheckpointMeta(steps_done=done, epoch=epoch, step_in_epoch=-1, parts=parts,
+                              fingerprint=fingerprint, early_stopping=stopper.state.to_dict())
+        checkpoints.write_part(BEST_NAME, META_FILE, meta.to_json().encode())  # written last
+    if stopper.state.stopped:
+        log.info("early stopping after epoch %d: %s has not improved for %d epoch(s); best %.6g "
+                 "at epoch %d", epoch + 1, es.metric, stopper.state.bad_epochs,
+                 stopper.state.best, stopper.state.best_epoch)
+    return stopper.state.stopped
 
 
 def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Strategy,
                train: ShardStore, val: ShardStore, device: torch.device, sink: MetricSink,
                checkpoints: CheckpointStore | None, fingerprint: dict[str, Any], start: int,
-               steps: int, total: int) -> dict[str, float]:
+               steps: int, bounds: tuple[int, int], stopper: EarlyStopping | None
+               ) -> tuple[dict[str, float], int]:
+    """Steps ``start`` to ``bounds[0]`` of ``bounds[1]``; returns the last metrics and the steps
+    done (fewer when early stopping fires)."""
+    end, total = bounds
     tc = cfg.training
     rank = comm.rank
     feed = make_feed(train, device, _DataOrder(len(train), tc.seed, rank, steps, tc.batch_size),
@@ -246,7 +291,8 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per step
     loss_n, window_t0 = 0, time.perf_counter()
     metrics: dict[str, float] = {}
-    for gstep, (x, y) in zip(range(start, total), feed.batches(start, total)):
+    batches = feed.batches(start, end)
+    for gstep, (x, y) in zip(range(start, end), batches):
         epoch, s = divmod(gstep, steps)
         _maybe_die(cfg, rank, plan.attempt, gstep)
         seed_step(step_seed(tc.seed, rank, gstep), device)
@@ -268,13 +314,17 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
                 sink.log_metrics(metrics, done)
             loss_acc.zero_()
             loss_n = 0
+        stop = False
         if end_of_epoch and cfg.data.val_fraction > 0:
-            val_metrics = evaluate(strategy.eval_module(), val, comm, cfg.data.task,
-                                   tc.batch_size * 4, device)
+            module = strategy.eval_module()
+            val_metrics = evaluate(module, val, comm, cfg.data.task, tc.batch_size * 4, device)
             val_metrics["epoch"] = float(epoch + 1)
             metrics.update(val_metrics)
             if rank == 0:
                 sink.log_metrics(val_metrics, done)
+            if stopper is not None:
+                stop = _early_stop(cfg, stopper, comm, checkpoints, module, val_metrics, epoch,
+                                   done, fingerprint)
         every = cfg.checkpoint.every_steps
         if checkpoints is not None and (end_of_epoch or (every and done % every == 0)):
             if loss_n:  # steps since the last window: never checkpoint a non-finite model
@@ -282,12 +332,19 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
             t0 = time.perf_counter()
             meta = save(checkpoints, comm, strategy,
                         {"steps_done": done, "epoch": epoch, "step_in_epoch": s + 1,
-                         "final": done == total}, fingerprint)
+                         "final": done == total or stop,
+                         "early_stopping": stopper.state.to_dict() if stopper else {}},
+                        fingerprint)
             if meta is not None:
                 size = sum(p["size_bytes"] for p in meta.parts.values())
                 sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t0,
                                   "checkpoint/size_mb": size / 2**20}, done)
-    return metrics
+        if stop:
+            if rank == 0:
+                sink.log_metrics({"early_stopping/stopped_epoch": float(epoch + 1)}, done)
+            batches.close()
+            return metrics, done
+    return metrics, end
 
 
 def check_finite_loss(loss_sum: torch.Tensor, step: int) -> None:
