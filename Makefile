@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   train 2 ranks on scikit-learn's digits with local Spark and an embedded MLflow store
-#   make test   the whole test suite (builds Horovod once into ~/.cache/sparkml_dist if missing)
+#   make test   the whole test suite (builds Horovod and the executors' environment once into
+#               ~/.cache/sparkml_dist if missing)
+# For clusters: make dist   the wheel and the packed executors' environment in dist/
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -10,7 +12,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export SPARK_LOCAL_IP ?= 127.0.0.1
 
-.PHONY: venv demo test test-fast horovod ui bench lock clean
+.PHONY: venv demo test test-fast horovod dist dist-horovod ui bench lock clean
 
 venv: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
@@ -32,7 +34,15 @@ demo: $(STAMP) data/digits.parquet
 horovod: $(STAMP)
 	scripts/build_horovod.sh $(BIN)/python
 
-test: $(STAMP) horovod
+# The wheel and dist/sparkml_dist-env.tar.gz (venv-pack), cached by requirements.lock and the code.
+dist: $(STAMP)
+	$(BIN)/python scripts/pack_env.py
+
+# The same with the Horovod wheel inside, for backend.name=horovod on a cluster.
+dist-horovod: $(STAMP) horovod
+	$(BIN)/python scripts/pack_env.py --horovod
+
+test: $(STAMP) horovod dist
 	$(BIN)/python -m pytest -ra -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -48,4 +58,4 @@ lock: $(STAMP)
 	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' > requirements.lock.new && echo "review requirements.lock.new"
 
 clean:
-	rm -rf $(VENV) data mlflow.db mlruns spark-warehouse
+	rm -rf $(VENV) data mlflow.db mlruns spark-warehouse dist build

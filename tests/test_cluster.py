@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sparkml_dist import final_state, fit
-from tests.cluster import StandaloneCluster
+from tests.cluster import StandaloneCluster, mlflow_server
 from tests.test_fault_tolerance import assert_bitwise_equal, ft_config
 
 pytestmark = pytest.mark.cluster
@@ -24,17 +24,25 @@ def cluster_spark(tmp_path_factory):
     cluster.stop()
 
 
-def cfg_for(uri):
-    return ft_config(uri, **{"model.factory": "tests.factories:slow_mlp",
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Executors track through a server, as on a cluster whose nodes share no disk."""
+    with mlflow_server(tmp_path_factory.mktemp("cluster_server")) as (url, _):
+        yield url
+
+
+def cfg_for(uri, experiment):
+    return ft_config(uri, **{"tracking.experiment": experiment,
+                             "model.factory": "tests.factories:slow_mlp",
                              "model.kwargs": {"hidden": [64], "dropout": 0.1, "delay_s": 0.1},
                              "backend.rendezvous_timeout_s": 60.0})
 
 
 @pytest.fixture(scope="module")
-def reference(cluster_spark, digits_path, tmp_path_factory):
+def reference(cluster_spark, digits_path, server):
     _, spark = cluster_spark
-    uri = f"sqlite:///{tmp_path_factory.mktemp('cluster_ref') / 'mlflow.db'}"
-    result = fit(spark.read.parquet(str(digits_path)), cfg_for(uri))
+    uri = server
+    result = fit(spark.read.parquet(str(digits_path)), cfg_for(uri, "cluster-reference"))
     return result, final_state(result.run_id, uri)
 
 
@@ -55,22 +63,24 @@ def _executor_pids(app_id: str) -> list[int]:
     return pids
 
 
-def test_executor_killed_from_outside_is_survived_exactly(cluster_spark, digits_path, tmp_path,
+def test_executor_killed_from_outside_is_survived_exactly(cluster_spark, digits_path, server,
                                                           reference):
     _, spark = cluster_spark
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = server
     app_id = spark.conf.get("spark.app.id")
     client = MlflowClient(uri)
     box = {}
+    cfg = cfg_for(uri, "cluster-kill")
     t = threading.Thread(target=lambda: box.setdefault(
-        "result", fit(spark.read.parquet(str(digits_path)), cfg_for(uri))), daemon=True)
+        "result", fit(spark.read.parquet(str(digits_path)), cfg)), daemon=True)
     t.start()
     killed = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and t.is_alive() and killed is None:
         time.sleep(0.5)
         try:
-            (run,) = client.search_runs([client.get_experiment_by_name("sparkml_dist").experiment_id])
+            (run,) = client.search_runs(
+                [client.get_experiment_by_name("cluster-kill").experiment_id])
         except Exception:  # noqa: BLE001 - the run does not exist yet
             continue
         if client.list_artifacts(run.info.run_id, "checkpoints"):
