@@ -221,7 +221,8 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
         shared, part, meta = restored
         strategy.load_state(shared, part)
         start = meta.steps_done
-        end = start if meta.final else total  # a final checkpoint (early stop) ends the job
+        if meta.final and meta.early_stopping.get("stopped"):
+            end = start  # stopped early: a relaunch trains nothing more
         log.info("rank %d resumes from the checkpoint at step %d of %d", rank, start, total)
     strategy.start()
     try:
