@@ -390,11 +390,17 @@ class FaultToleranceConfig:
     """Wait before a relaunch."""
     inject: FaultInjection | None = None
     """TEST-ONLY fault injection; leave unset in real jobs."""
+    deadline_s: float | None = None
+    """Wall-clock bound on training (every attempt and backoff together, from the first
+    launch): past it the barrier stage's Spark jobs are cancelled and ``fit`` fails, with no
+    relaunch. None: no deadline (each collective is still bounded by ``backend.timeout_s``)."""
 
     def __post_init__(self) -> None:
         _check(self.max_restarts >= 0 and math.isfinite(self.backoff_s) and self.backoff_s >= 0,
                "fault.max_restarts must be >= 0 and fault.backoff_s finite and >= 0; got "
                f"{self.max_restarts} and {self.backoff_s}.")
+        _check(self.deadline_s is None or (math.isfinite(self.deadline_s) and self.deadline_s > 0),
+               f"fault.deadline_s must be unset or finite and > 0 (seconds); got {self.deadline_s}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -415,6 +421,10 @@ class TrackingConfig:
     """Show live progress on the driver (console, or a bar in notebooks)."""
     progress_interval_s: float = 2.0
     """How often the driver polls the run for progress."""
+    shared_storage: bool = False
+    """The tracking store's local path (SQLite file, ``file:`` URI) is on storage every node
+    mounts at the same path: skip the pre-flight that refuses local stores under a non-local
+    master."""
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.progress_interval_s) and self.progress_interval_s > 0,

@@ -339,5 +339,5 @@ def check_shipping(spark: SparkSession, num_workers: int, backend: BackendConfig
 
     uri = default_tracking_uri(tracking.tracking_uri)
     check_tracking_store(spark, uri, tracking.experiment,
-                         bool(getattr(tracking, "shared_storage", False)))
+                         tracking.shared_storage)
     check_executors(spark, num_workers, uri, horovod=backend.name == "horovod")
