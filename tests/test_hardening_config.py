@@ -32,6 +32,8 @@ from sparkml_dist.training.checkpoint import CheckpointMeta, check_fingerprint
     ("backend.fusion_threshold_mb", math.nan, r"backend\.fusion_threshold_mb must be finite"),
     ("tracking.progress_interval_s", 0.0, r"tracking\.progress_interval_s must be finite and > 0"),
     ("tracking.progress_interval_s", -1.0, r"tracking\.progress_interval_s"),
+    ("fault.deadline_s", 0.0, r"fault\.deadline_s must be unset or finite and > 0"),
+    ("fault.deadline_s", math.inf, r"fault\.deadline_s must be unset or finite"),
 ])
 def test_out_of_range_settings_fail_naming_the_range(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,8 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
+import threading
 import time
+import uuid
 from typing import Any, Callable
 
 from sparkml_dist.comm.sealed_store import new_secret
@@ -53,8 +56,10 @@ def describe_failure(exc: BaseException, attempt: int) -> dict[str, Any]:
     # same way on every attempt.
     import_error = not ours and re.search(r"(ModuleNotFoundError|ImportError): [^\n]*", text)
     if import_error:
-        first = (f"{import_error.group(0)} while starting the task: install the package on every "
-                 "executor or ship it with spark-submit --py-files")
+        from sparkml_dist.spark.preflight import SHIP_HINT
+
+        first = (f"{import_error.group(0)} while starting the task: the executors' Python lacks "
+                 f"it. {SHIP_HINT}")
     # Spark's own check that the cluster has enough slots for the barrier stage: a relaunch
     # would wait just as long again.
     no_slots = re.search(r"Barrier execution mode does not allow run a barrier stage that "
@@ -69,6 +74,77 @@ def describe_failure(exc: BaseException, attempt: int) -> dict[str, Any]:
             "detail": detail[-8000:], "user_error": user_error, "detected_at": time.time()}
 
 
+class JobDeadline:
+    """``fault.deadline_s`` over all attempts: the barrier stage runs under a Spark job tag, and
+    a timer cancels the tagged jobs once the deadline passes (``with deadline:`` around each
+    launch). Classic Spark tags the driver thread's jobs (``SparkContext.addJobTag``, cancelled
+    with task interruption); Spark Connect tags the session's operations
+    (``SparkSession.addTag``/``interruptTag``)."""
+
+    def __init__(self, spark: Any, seconds: float | None) -> None:
+        self.spark = spark
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds if seconds is not None else math.inf
+        self.tag = f"sparkml-dist-train-{uuid.uuid4().hex[:12]}"
+        self.expired = False
+        self._timer: threading.Timer | None = None
+        try:
+            self._classic = spark.sparkContext  # raises on Spark Connect
+        except Exception:  # noqa: BLE001 - PySparkNotImplementedError and friends
+            self._classic = None
+
+    def remaining(self) -> float:
+        return max(0.0, self.ends - time.monotonic())
+
+    def _expire(self) -> None:
+        self.expired = True
+        log.error("fault.deadline_s=%s passed: cancelling the training jobs", self.seconds)
+        try:
+            if self._classic is not None:
+                self._classic.cancelJobsWithTag(self.tag)
+            else:
+                self.spark.interruptTag(self.tag)
+        except Exception as exc:  # noqa: BLE001 - the launch fails either way
+            log.warning("could not cancel the training jobs: %s", exc)
+
+    def __enter__(self) -> JobDeadline:
+        if self.seconds is None:
+            return self
+        if self.remaining() <= 0:
+            self._expire()
+            raise TrainingFailed(self._message())
+        if self._classic is not None:
+            self._classic.setInterruptOnCancel(True)
+            self._classic.addJobTag(self.tag)
+        else:
+            self.spark.addTag(self.tag)
+        self._timer = threading.Timer(self.remaining(), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            if self._classic is not None:
+                self._classic.removeJobTag(self.tag)
+            else:
+                self.spark.removeTag(self.tag)
+
+    def _message(self) -> str:
+        return (f"training did not finish within fault.deadline_s={self.seconds:g} s; its Spark "
+                "jobs were cancelled and the run keeps its last checkpoint (resume it with "
+                "resume_run_id). Raise fault.deadline_s, or unset it.")
+
+    def failure(self, attempt: int) -> dict[str, Any] | None:
+        """The failure record of an attempt the deadline cancelled, else None."""
+        if not self.expired:
+            return None
+        return {"attempt": attempt, "rank": None, "kind": "deadline", "error": self._message(),
+                "detail": self._message(), "user_error": False, "detected_at": time.time()}
+
+
 def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
                  before_relaunch: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Launch the barrier stage until it succeeds or ``fault.max_restarts`` is used up.
@@ -78,6 +154,7 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
     """
     first = run.attempts_so_far
     last = first + cfg.fault.max_restarts
+    deadline = JobDeadline(prepared.frame.sparkSession, cfg.fault.deadline_s)
     for attempt in range(first, last + 1):
         plan = RankPlan(in_features=prepared.in_features, num_outputs=prepared.num_outputs,
                         train_shard_sizes=prepared.train_shard_sizes, layout=prepared.layout,
@@ -88,15 +165,18 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
         log.info("launching attempt %d: a barrier stage of %d ranks", attempt,
                  prepared.num_workers)
         try:
-            rows = (prepared.frame
-                    .mapInArrow(functools.partial(run_barrier_task, spec), RESULT_SCHEMA,
-                                barrier=True)
-                    .collect())
+            with deadline:
+                rows = (prepared.frame
+                        .mapInArrow(functools.partial(run_barrier_task, spec), RESULT_SCHEMA,
+                                    barrier=True)
+                        .collect())
         except Exception as exc:  # noqa: BLE001 - classified below
-            failure = describe_failure(exc, attempt)
+            failure = deadline.failure(attempt) or describe_failure(exc, attempt)
             run.log_failure(attempt, failure)
             log.error("attempt %d failed on rank %s: %s", attempt, failure["rank"],
                       failure["error"])
+            if failure["kind"] == "deadline":
+                raise TrainingFailed(failure["error"]) from None
             if failure["user_error"]:
                 raise UserCodeError(f"training stopped after attempt {attempt}: rank "
                                     f"{failure['rank']} hit an error in user code that a relaunch "
@@ -106,7 +186,7 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
                     f"training failed on all {attempt - first + 1} attempts (fault.max_restarts="
                     f"{cfg.fault.max_restarts}); last failure on rank {failure['rank']}:\n"
                     f"{failure['detail']}") from None
-            time.sleep(cfg.fault.backoff_s)
+            time.sleep(min(cfg.fault.backoff_s, deadline.remaining()))
             if before_relaunch is not None:
                 before_relaunch()
             continue
