@@ -23,13 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set training.epochs=3")
     parser.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume even if the run's previous driver still looks alive")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.set)
         spark = SparkSession.builder.appName("sparkml_dist-train").getOrCreate()
-        result = fit(None, cfg, spark=spark, resume_run_id=args.resume)
+        result = fit(None, cfg, spark=spark, resume_run_id=args.resume,
+                     force_resume=args.force_resume)
     except SparkMLDistError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

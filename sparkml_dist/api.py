@@ -49,7 +49,8 @@ def _resolve_config(config: JobConfig | str | Path | None, overrides: dict[str, 
 
 
 def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark: Any = None,
-        resume_run_id: str | None = None, **overrides: Any) -> FitResult:
+        resume_run_id: str | None = None, force_resume: bool = False,
+        **overrides: Any) -> FitResult:
     """Train ``config.model`` on ``data`` across ``training.num_workers`` Spark barrier tasks.
 
     Args:
@@ -58,7 +59,9 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         config: a :class:`JobConfig`, a YAML path, or None for defaults.
         spark: the SparkSession (default: the DataFrame's, or the active one).
         resume_run_id: continue this MLflow run from its latest checkpoint (a job whose driver
-            died).
+            died). A run that is FINISHED, or RUNNING with a live driver, is refused.
+        force_resume: resume even though the run's driver looks alive (its heartbeat tag is
+            fresh), e.g. right after that driver was killed.
         **overrides: dotted config overrides, e.g. ``**{"training.epochs": 3}``.
 
     Returns:
@@ -89,7 +92,7 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
             cfg = cfg.replace(**{"data.source": data})
         df = read_source(spark, cfg.data)
     if cfg.strategy.kind == "federated":
-        return _fit_federated(spark, df, cfg, resume_run_id)
+        return _fit_federated(spark, df, cfg, resume_run_id, force_resume)
     tc = cfg.training
     check_environment(cfg, _master(spark))
     check_encryption(cfg, lambda key: _conf(spark, key))
@@ -100,7 +103,8 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     prepare_s = time.perf_counter() - t_prepare
     try:
         check_prepared(cfg, prepared.train_shard_sizes, prepared.classes)
-        run = JobRun(cfg, resume_run_id)
+        run = JobRun(cfg, resume_run_id, force_resume=force_resume)
+        run.start_heartbeat()
     except BaseException:
         prepared.release()
         raise
@@ -153,13 +157,15 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
                      ranks=tuple(results))
 
 
-def _fit_federated(spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | None) -> FitResult:
+def _fit_federated(spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | None,
+                   force_resume: bool = False) -> FitResult:
     """``strategy.kind: federated``: rounds run by the driver as ordinary Spark stages
     (:mod:`sparkml_dist.strategies.federated`), in one MLflow run like every job."""
     from sparkml_dist.strategies.federated.driver import fit_federated
     from sparkml_dist.tracking.run import JobRun
 
-    run = JobRun(cfg, resume_run_id)
+    run = JobRun(cfg, resume_run_id, force_resume=force_resume)
+    run.start_heartbeat()
     try:
         out = fit_federated(spark, df, cfg, run)
         run.log_training_curves()

@@ -149,3 +149,33 @@ def test_resuming_a_finished_run_is_refused(tmp_path):
     failed = JobRun(cfg)
     failed.finish("FAILED")
     assert JobRun(cfg, failed.run_id).run_id == failed.run_id  # a failed run resumes
+
+
+def test_a_run_with_a_live_driver_is_not_resumed_unless_forced(tmp_path):
+    import subprocess
+    import sys
+
+    from sparkml_dist.tracking.run import HEARTBEAT_STALE_S, HEARTBEAT_TAG
+
+    cfg = JobConfig().replace(**{"tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    live = JobRun(cfg)
+    live.start_heartbeat(interval_s=0.5)
+    with pytest.raises(ConfigError, match=rf"run {live.run_id} is RUNNING and its driver was "
+                                          r"alive \d+ s ago.*force_resume=True"):
+        JobRun(cfg, live.run_id)
+    assert JobRun(cfg, live.run_id, force_resume=True).run_id == live.run_id
+    live.stop_heartbeat()
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    # A driver on this host whose process is gone: resumable at once.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    beat = json.loads(client.get_run(live.run_id).data.tags[HEARTBEAT_TAG])
+    client.set_tag(live.run_id, HEARTBEAT_TAG, json.dumps({**beat, "pid": int(gone.stdout)}))
+    assert JobRun(cfg, live.run_id).run_id == live.run_id
+    # A driver elsewhere: resumable once its heartbeat is stale.
+    client.set_tag(live.run_id, HEARTBEAT_TAG, json.dumps({**beat, "host": "elsewhere"}))
+    with pytest.raises(ConfigError, match="is RUNNING and its driver was alive"):
+        JobRun(cfg, live.run_id)
+    old = {**beat, "host": "elsewhere", "time": beat["time"] - HEARTBEAT_STALE_S - 1}
+    client.set_tag(live.run_id, HEARTBEAT_TAG, json.dumps(old))
+    assert JobRun(cfg, live.run_id).run_id == live.run_id

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +24,29 @@ from sparkml_dist.tracking.redact import redact
 log = logging.getLogger(__name__)
 
 ATTEMPTS_TAG = "sparkml_dist.attempts"
+HEARTBEAT_TAG = "sparkml_dist.heartbeat"
+"""``{"time", "host", "pid"}`` (JSON) of the run's driver, refreshed every :data:`HEARTBEAT_S`."""
+HEARTBEAT_S = 30.0
+"""How often a live driver refreshes :data:`HEARTBEAT_TAG`."""
+HEARTBEAT_STALE_S = 3 * HEARTBEAT_S
+"""A RUNNING run whose heartbeat is younger than this has a live driver: resuming it is refused."""
 
 
 class JobRun:
     """Handle on the run of one job; created once on the driver, its id sent to every rank."""
 
-    def __init__(self, cfg: JobConfig, resume_run_id: str | None = None) -> None:
+    def __init__(self, cfg: JobConfig, resume_run_id: str | None = None, *,
+                 force_resume: bool = False) -> None:
         self.tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
         self.client = MlflowClient(self.tracking_uri)
+        self._beating = threading.Event()
         if resume_run_id:
             run = self.client.get_run(resume_run_id)  # raises a clear MlflowException if unknown
             if run.info.status == "FINISHED":
                 raise ConfigError(f"run {resume_run_id} is FINISHED: its training completed and "
                                   "its model was logged, so there is nothing to resume. Start a "
                                   "new run (omit resume_run_id / --resume).")
+            _check_owner(run, force_resume)
             self.run_id = run.info.run_id
             self.attempts_so_far = int(run.data.tags.get(ATTEMPTS_TAG, "0"))
             self.client.set_terminated(self.run_id, "RUNNING")
@@ -93,7 +105,32 @@ class JobRun:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
+    def start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
+        """Refresh :data:`HEARTBEAT_TAG` every ``interval_s`` until :meth:`finish`, so a second
+        driver can tell that this run has a live owner."""
+        self._beat()
+        self._beating.set()
+
+        def loop() -> None:
+            while self._beating.is_set():
+                time.sleep(interval_s)
+                if self._beating.is_set():
+                    try:
+                        self._beat()
+                    except Exception as exc:  # noqa: BLE001 - a missed beat only weakens a check
+                        log.warning("could not refresh the run's heartbeat: %s", exc)
+
+        threading.Thread(target=loop, name="sparkml_dist-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        self.client.set_tag(self.run_id, HEARTBEAT_TAG, json.dumps(
+            {"time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid()}))
+
+    def stop_heartbeat(self) -> None:
+        self._beating.clear()
+
     def finish(self, status: str = "FINISHED") -> None:
+        self.stop_heartbeat()
         self.client.set_terminated(self.run_id, status)
 
     def log_training_curves(self) -> None:
@@ -148,6 +185,37 @@ class JobRun:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
                 metadata={"classes": json.dumps([_plain(c) for c in classes])})
         return info
+
+
+def _check_owner(run: Any, force: bool) -> None:
+    """Refuse to resume a RUNNING run whose driver is alive (fresh heartbeat), unless forced. A
+    driver on this host whose process is gone counts as dead at once."""
+    beat = run.data.tags.get(HEARTBEAT_TAG)
+    if run.info.status != "RUNNING" or beat is None:
+        return
+    owner = json.loads(beat)
+    age = time.time() - float(owner["time"])
+    if age >= HEARTBEAT_STALE_S or (owner.get("host") == socket.gethostname()
+                                    and not _pid_alive(int(owner["pid"]))):
+        return
+    if force:
+        log.warning("run %s has a live driver (heartbeat %.0f s ago); resuming anyway "
+                    "(force_resume)", run.info.run_id, age)
+        return
+    raise ConfigError(f"run {run.info.run_id} is RUNNING and its driver was alive {age:.0f} s ago "
+                      f"(tag {HEARTBEAT_TAG}); two drivers would write the same checkpoints. Wait "
+                      f"until that driver ends or its heartbeat is {HEARTBEAT_STALE_S:.0f} s old, "
+                      "or pass force_resume=True if you know it is gone.")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _plain(value: Any) -> Any:
