@@ -42,3 +42,27 @@ def test_non_finite_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp
     after = final_model(ckpt)
     for k in good_model:
         assert torch.isfinite(after[k]).all() and torch.equal(after[k], good_model[k])
+
+
+def no_parameters(in_features: int, num_outputs: int) -> torch.nn.Module:
+    """A model the optimizer and DDP cannot take: nothing to train."""
+    return torch.nn.Identity()
+
+
+def test_an_error_while_a_rank_sets_up_is_a_user_error(tmp_path):
+    cfg = job(1, **{"model.factory": "tests.test_hardening_loop:no_parameters",
+                    "model.kwargs": {}})
+    results = run_ranks(cfg, digits(200), str(tmp_path))
+    assert {s for s, _ in results.values()} == {"error"}, results
+    for _, text in results.values():
+        assert "[sparkml_dist:user-error] rank" in text and "could not set up training" in text
+
+
+def test_transport_errors_during_setup_stay_retryable():
+    from sparkml_dist.training.loop import setup_error
+
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed "
+                        "by peer [127.0.0.1]:4242")
+    assert setup_error(lost, 1) is lost
+    assert setup_error(TimeoutError("broadcast"), 1).__class__ is TimeoutError
+    assert "[sparkml_dist:user-error]" in str(setup_error(TypeError("bad kwarg"), 1))

@@ -210,9 +210,15 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
     total = steps * tc.epochs
     ctx = RankContext(cfg=cfg, comm=comm, device=device, in_features=plan.in_features,
                       num_outputs=plan.num_outputs, steps_per_epoch=steps, total_steps=total)
-    strategy = strategy_class(cfg.strategy.kind)(ctx)
-    probe_x, probe_y = train.gather(np.arange(min(len(train), tc.batch_size)))
-    strategy.probe(probe_x.to(device), probe_y.to(device))
+    try:  # building the model and the strategy, and a local probe step: the user's settings
+        strategy = strategy_class(cfg.strategy.kind)(ctx)
+        probe_x, probe_y = train.gather(np.arange(min(len(train), tc.batch_size)))
+        strategy.probe(probe_x.to(device), probe_y.to(device))
+    except Exception as exc:  # noqa: BLE001 - classified: a relaunch cannot fix a setup error
+        user = setup_error(exc, rank)
+        if user is exc:
+            raise
+        raise user from exc
     fingerprint = job_fingerprint(cfg, plan.data_layout())
     start, end = 0, total
     restored = restore(checkpoints, comm, fingerprint) if checkpoints is not None else None
@@ -346,6 +352,19 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
             batches.close()
             return metrics, done
     return metrics, end
+
+
+def setup_error(exc: Exception, rank: int) -> Exception:
+    """An error raised while a rank sets up, marked as the user's (not relaunched) unless it
+    comes from the transport (a lost or slow peer during DDP's first broadcast)."""
+    text = str(exc)
+    transport = isinstance(exc, (torch.distributed.DistError, TimeoutError, ConnectionError)) \
+        or any(w in text for w in ("gloo", "NCCL", "Connection reset", "Connection closed"))
+    if transport or USER_ERROR_MARKER in text:
+        return exc
+    return UserCodeError(f"{USER_ERROR_MARKER} rank {rank} could not set up training "
+                         f"({type(exc).__name__}: {exc}). Check model.factory, model.kwargs and "
+                         "the strategy settings; a relaunch would fail the same way.")
 
 
 def check_finite_loss(loss_sum: torch.Tensor, step: int) -> None:
