@@ -100,10 +100,17 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     check_shipping(spark, tc.num_workers, cfg.backend, cfg.tracking)
     t_prepare = time.perf_counter()
     prepared = prepare(spark, df, cfg.data, data_layout(cfg), tc.seed)
-    prepare_s = time.perf_counter() - t_prepare
+    scaling = None
     try:
         check_prepared(cfg, prepared.train_shard_sizes, prepared.classes)
+        if cfg.data.scale != "none":
+            prepared, scaling = _scale(prepared, cfg)
+        prepare_s = time.perf_counter() - t_prepare
         run = JobRun(cfg, resume_run_id, force_resume=force_resume)
+        if scaling is not None:
+            from sparkml_dist.preprocessing import ARTIFACT
+
+            run.client.log_text(run.run_id, scaling.to_json(), ARTIFACT)
         run.start_heartbeat()
     except BaseException:
         prepared.release()
@@ -137,7 +144,7 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         t_finish = time.perf_counter()
         model_uri = None
         if cfg.tracking.log_model:
-            model_uri = _log_final_model(cfg, prepared, run)
+            model_uri = _log_final_model(cfg, prepared, run, scaling)
         run.log_training_curves()
         _log_phase_times(run, prepared, prepare_s, time.perf_counter() - t_finish)
     except KeyboardInterrupt:
@@ -235,7 +242,15 @@ def best_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
     return load_part(store, BEST_NAME, meta, SHARED_PART)["model"]
 
 
-def _log_final_model(cfg: JobConfig, prepared: Any, run: Any) -> str:
+def _scale(prepared: Any, cfg: JobConfig) -> tuple[Any, Any]:
+    """``data.scale``: fit on the training split, apply to the prepared rows (Spark)."""
+    from sparkml_dist.spark.feature_scaling import fit_scaling, scale_prepared
+
+    scaling = fit_scaling(prepared, cfg.data.scale)
+    return scale_prepared(prepared, scaling), scaling
+
+
+def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, scaling: Any = None) -> str:
     from sparkml_dist.models import build_model
 
     model = build_model(cfg.model.factory, prepared.in_features, prepared.num_outputs,
@@ -245,6 +260,10 @@ def _log_final_model(cfg: JobConfig, prepared: Any, run: Any) -> str:
         model.load_state_dict(best_state(run.run_id, run.tracking_uri))
     else:
         model.load_state_dict(final_state(run.run_id, run.tracking_uri))
+    if scaling is not None:  # the logged model scores raw rows
+        from sparkml_dist.preprocessing import ScaledModel
+
+        model = ScaledModel(model, scaling)
     # Rows collected by preparation's first pass: nothing here reads the data again.
     example = np.asarray(prepared.example_features, dtype=np.float32)
     return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name)

@@ -57,6 +57,10 @@ class DataConfig:
     """How training rows are dealt to ranks: ``random`` or ``stratified`` by label."""
     on_invalid: Literal["error", "drop"] = "error"
     """Rows with null/NaN features or labels: fail (default) or drop them, logging the count."""
+    scale: Literal["none", "standard", "minmax"] = "none"
+    """Feature scaling fitted by Spark on the training split only and stored with the run and in
+    the logged model (which then scores raw rows): ``standard`` (z-score), ``minmax`` (to
+    [0, 1]) or ``none``."""
     shard_memory_mb: float = 1024.0
     """A rank's shard above this many MiB of Arrow data spills to a memory-mapped IPC file."""
     spill_dir: str | None = None
@@ -449,6 +453,9 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         _check_early_stopping(self)
+        _check(self.data.scale == "none" or self.strategy.kind != "federated",
+               f"data.scale={self.data.scale} is not supported with strategy.kind=federated yet; "
+               "scale the features before fit, or use another strategy.")
         st = self.strategy
         if isinstance(st, DataParallelConfig) and st.backward_passes_per_step > 1:
             _check(self.backend.name == "horovod",
