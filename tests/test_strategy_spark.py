@@ -80,6 +80,8 @@ def test_lost_worker_with_topk_resumes_bitwise(digits_df, tracking_uri, topk_cle
 
 def test_resume_with_other_strategy_settings_fails_on_the_driver(digits_df, topk_clean):
     uri, clean = topk_clean
+    # A FINISHED run is refused before its checkpoints are read: resume it as an interrupted one.
+    MlflowClient(uri).set_terminated(clean.run_id, "KILLED")
     with pytest.raises(CheckpointError, match=r"compression: 'topk' -> 'none'"):
         fit(digits_df, ft_config(uri), resume_run_id=clean.run_id)
 
