@@ -425,6 +425,10 @@ class TrackingConfig:
     """Show live progress on the driver (console, or a bar in notebooks)."""
     progress_interval_s: float = 2.0
     """How often the driver polls the run for progress."""
+    system_metrics_interval_s: float | None = None
+    """Log MLflow system metrics (CPU, memory, disk, network, GPU when ``nvidia-ml-py`` is
+    installed) from every rank, each rank its own node (``system/rank_<r>/...``), sampled every
+    this many seconds in a background thread of the rank. None: off."""
     shared_storage: bool = False
     """The tracking store's local path (SQLite file, ``file:`` URI) is on storage every node
     mounts at the same path: skip the pre-flight that refuses local stores under a non-local
@@ -434,6 +438,10 @@ class TrackingConfig:
         _check(math.isfinite(self.progress_interval_s) and self.progress_interval_s > 0,
                "tracking.progress_interval_s must be finite and > 0 (set tracking.progress=false "
                f"to turn progress off); got {self.progress_interval_s}.")
+        si = self.system_metrics_interval_s
+        _check(si is None or (math.isfinite(si) and si > 0),
+               f"tracking.system_metrics_interval_s must be unset (off) or finite and > 0 "
+               f"(seconds); got {si}.")
 
 
 @dataclass(frozen=True, kw_only=True)

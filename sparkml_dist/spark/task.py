@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -129,12 +130,31 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
         sink = MlflowSink(spec.tracking_uri, spec.run_id) if endpoint.rank == 0 else NullSink()
         # Shuffle read + Arrow feed into the shard store, as seen by rank 0 (per attempt).
         sink.log_metrics({"time/feed_s": feed_s}, spec.plan.attempt)
-        result = train_rank(cfg, spec.plan, comm, train, val, device, sink, ckpt)
+        monitor = _system_metrics(spec, endpoint.rank)
+        try:
+            result = train_rank(cfg, spec.plan, comm, train, val, device, sink, ckpt)
+        finally:
+            if monitor is not None:
+                monitor.finish()
     finally:
         comm.close()
     return {"rank": endpoint.rank, "attempt": spec.plan.attempt, "steps_done": result.steps_done,
             "resumed_from": result.resumed_from, "metrics": json.dumps(result.metrics),
             "executor": _executor_id()}
+
+
+def _system_metrics(spec: TaskSpec, rank: int) -> Any:
+    """Start MLflow's system metrics monitor for this rank as node ``rank_<r>`` of the run
+    (``tracking.system_metrics_interval_s``), or return None when it is off."""
+    interval = spec.config.tracking.system_metrics_interval_s
+    if interval is None:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(spec.run_id, sampling_interval=interval,
+                                   node_id=f"rank_{rank}", tracking_uri=spec.tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def _executor_id() -> str:
