@@ -181,6 +181,7 @@ def _horovod_rank(rank: int, port: int, secret: str, out: "mp.Queue") -> None:
         out.put((rank, f"{type(exc).__name__}: {exc}"))
 
 
+@pytest.mark.horovod
 def test_horovod_joins_over_the_sealed_store_and_stops_its_rendezvous_server():
     master = host_store("127.0.0.1", 3, 30.0)
     ctx = mp.get_context("spawn")
