@@ -39,6 +39,8 @@ def _collectives(comm):
     out["gather"] = [t.tolist() for t in comm.all_gather(torch.tensor([r, r * r]))]
     out["gather_obj"] = comm.all_gather_object({"rank": r})
     out["bcast_obj"] = comm.broadcast_object({"from": r}, src=w - 1)
+    # what the resume agreement does: only the source has a value, the others pass None
+    out["bcast_mixed"] = comm.broadcast_object(("ckpt-0000000010", None) if r == 0 else None, 0)
     comm.barrier()
     return out
 
@@ -120,6 +122,7 @@ def _check_collectives(res, world):
         assert got["gather"] == [[q, q * q] for q in range(world)]
         assert got["gather_obj"] == [{"rank": q} for q in range(world)]
         assert got["bcast_obj"] == {"from": world - 1}
+        assert tuple(got["bcast_mixed"]) == ("ckpt-0000000010", None)
 
 
 def test_torch_communicator_does_every_operation_on_three_gloo_ranks():

@@ -217,11 +217,21 @@ class HorovodCommunicator:
         flat = self._hvd.allgather(tensor.reshape(1, -1), name=self._name("gather", tensor))
         return [row.reshape(tensor.shape) for row in flat]
 
+    # Horovod matches collectives across ranks by name and, without one, names an object
+    # collective after the object's type: ranks passing different types (rank 0 a tuple, the
+    # others None) would wait for each other forever. Every rank counts its object collectives
+    # the same way, so a sequence number is a name all ranks agree on.
+
+    def _object_name(self, kind: str) -> str:
+        self._objects = getattr(self, "_objects", 0) + 1
+        return f"sparkml_dist.{kind}.{self._objects}"
+
     def all_gather_object(self, obj: Any) -> list[Any]:
-        return self._hvd.allgather_object(obj)
+        return self._hvd.allgather_object(obj, name=self._object_name("gather_object"))
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return self._hvd.broadcast_object(obj, root_rank=src)
+        return self._hvd.broadcast_object(obj, root_rank=src,
+                                          name=self._object_name("broadcast_object"))
 
     def exchange(self, sends: Any, recvs: Any) -> None:
         require(self, Capability.P2P, "exchange()")
