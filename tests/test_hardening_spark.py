@@ -93,17 +93,17 @@ def test_ctrl_c_marks_the_run_killed(digits_df, tracking_uri):
 
 
 def test_job_deadline_cancels_the_training_jobs(digits_df, tracking_uri):
-    t0 = time.monotonic()
     with pytest.raises(TrainingFailed, match=r"fault\.deadline_s=20 s; its Spark jobs were "
                                              r"cancelled"):
         fit(digits_df, config(tracking_uri, **{"training.epochs": 500, "fault.max_restarts": 2,
                                                "fault.deadline_s": 20.0}))
-    took = time.monotonic() - t0
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
     assert run.data.tags["sparkml_dist.failure.0"].startswith("deadline")
     assert run.data.tags[ATTEMPTS_TAG] == "1"  # no relaunch after the deadline
-    assert took < 20 + 90, took  # preparation and pre-flight come first; cancelling is quick
+    # From the run's creation (after preparation) to its end: the deadline plus a quick cancel.
+    took = (run.info.end_time - run.info.start_time) / 1000
+    assert took < 20 + 90, took
     # The session is usable afterwards: nothing of the cancelled stage is left running.
     assert digits_df.count() == 1797
