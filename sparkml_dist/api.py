@@ -147,11 +147,8 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
             model_uri = _log_final_model(cfg, prepared, run, scaling)
         run.log_training_curves()
         _log_phase_times(run, prepared, prepare_s, time.perf_counter() - t_finish)
-    except KeyboardInterrupt:
-        run.finish("KILLED")
-        raise
-    except BaseException:
-        run.finish("FAILED")
+    except BaseException as exc:
+        run.finish_after(exc)
         raise
     finally:
         prepared.release()
@@ -176,11 +173,8 @@ def _fit_federated(spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | Non
     try:
         out = fit_federated(spark, df, cfg, run)
         run.log_training_curves()
-    except KeyboardInterrupt:
-        run.finish("KILLED")
-        raise
-    except BaseException:
-        run.finish("FAILED")
+    except BaseException as exc:
+        run.finish_after(exc)
         raise
     run.finish()
     return FitResult(run_id=run.run_id, model_uri=out.get("model_uri"), metrics=out["metrics"],

@@ -205,10 +205,6 @@ class HorovodCommunicator:
         hvd_op = {"sum": self._hvd.Sum, "avg": self._hvd.Average, "max": self._hvd.Max}[op]
         return self._hvd.allreduce_(tensor, op=hvd_op, name=self._name(op, tensor))
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Shorthand for ``all_reduce(tensor, "sum")``."""
-        return self.all_reduce(tensor, "sum")
-
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self._hvd.broadcast_(tensor, root_rank=src,
                                     name=self._name(f"broadcast{src}", tensor))

@@ -75,10 +75,6 @@ class TorchCommunicator:
             return tensor.div_(self.world_size)
         return self._on_device(tensor, lambda t: dist.all_reduce(t, _OPS[op], group=self.group))
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Shorthand for ``all_reduce(tensor, "sum")``."""
-        return self.all_reduce(tensor, "sum")
-
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         src_global = self.global_ranks[src]
         return self._on_device(tensor, lambda t: dist.broadcast(t, src=src_global,

@@ -129,6 +129,10 @@ class JobRun:
     def stop_heartbeat(self) -> None:
         self._beating.clear()
 
+    def finish_after(self, exc: BaseException) -> None:
+        """End the run for an exception that stops the job: KILLED for Ctrl-C, else FAILED."""
+        self.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.stop_heartbeat()
         self.client.set_terminated(self.run_id, status)

@@ -134,6 +134,22 @@ def _all_gather(state: HookState, payload: torch.Tensor) -> tuple[Future, torch.
     return work.get_future(), out.view(state.world_size, payload.numel())
 
 
+def _gather_then(state: HookState, buf: torch.Tensor, payload: torch.Tensor, t0: float,
+                 mean_of: Callable[[torch.Tensor], torch.Tensor]) -> Future:
+    """Gather every rank's ``payload``, then write ``mean_of(rows)`` (the decoded average) into
+    the bucket ``buf``; decoding time counts as compression time."""
+    fut, rows = _all_gather(state, payload)
+
+    def decode(f: Future) -> torch.Tensor:
+        t1 = time.perf_counter()
+        f.wait()
+        buf.copy_(mean_of(rows))
+        state.count(0, 0, time.perf_counter() - t1)
+        return buf
+
+    return state._timed(fut.then(decode), t0)
+
+
 def int8_hook(state: HookState, bucket: dist.GradBucket
                    ) -> torch.futures.Future[torch.Tensor]:
     """Scaled int8 payloads exchanged with all_gather, averaged locally
@@ -144,18 +160,8 @@ def int8_hook(state: HookState, bucket: dist.GradBucket
     q, scale = int8.quantize(buf)
     payload = torch.cat([q, scale.view(torch.int8)])  # the scale's 4 bytes ride along
     state.count(int8.wire_bytes(n), _dense(bucket), time.perf_counter() - t0)
-    fut, rows = _all_gather(state, payload)
-
-    def decode(f: Future) -> torch.Tensor:
-        t1 = time.perf_counter()
-        f.wait()
-        scales = [r[n:].clone().view(torch.float32) for r in rows]
-        mean = int8.mean_of_quantized([r[:n] for r in rows], scales)
-        buf.copy_(mean)
-        state.count(0, 0, time.perf_counter() - t1)
-        return buf
-
-    return state._timed(fut.then(decode), t0)
+    return _gather_then(state, buf, payload, t0, lambda rows: int8.mean_of_quantized(
+        [r[:n] for r in rows], [r[n:].clone().view(torch.float32) for r in rows]))
 
 
 class TopKState(HookState):
@@ -206,18 +212,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket
         state.keep_residual(bucket, new_residual)
     payload = torch.cat([idx.view(torch.float32), values.float()])  # indices as raw 32-bit words
     state.count(topk.wire_bytes(k), _dense(bucket), time.perf_counter() - t0)
-    fut, rows = _all_gather(state, payload)
-
-    def decode(f: Future) -> torch.Tensor:
-        t1 = time.perf_counter()
-        f.wait()
-        indices = [r[:k].contiguous().view(torch.int32) for r in rows]
-        mean = topk.decompress_mean(indices, [r[k:] for r in rows], n, buf.dtype)
-        buf.copy_(mean)
-        state.count(0, 0, time.perf_counter() - t1)
-        return buf
-
-    return state._timed(fut.then(decode), t0)
+    return _gather_then(state, buf, payload, t0, lambda rows: topk.decompress_mean(
+        [r[:k].contiguous().view(torch.int32) for r in rows], [r[k:] for r in rows], n,
+        buf.dtype))
 
 
 class PowerSGDHookState(HookState):
