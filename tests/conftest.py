@@ -13,9 +13,23 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
+_OVERRIDDEN: set[str] = set()
+
+
 def make_session(master: str = "local[2]", app: str = "sparkml_dist-tests", **conf: str):
-    """A classic SparkSession sized for the 2-core test machine."""
+    """A classic SparkSession sized for the 2-core test machine.
+
+    Settings a module passes in ``conf`` end with its session: Spark copies a session's conf
+    into the JVM's system properties, which the next session in this process would inherit
+    (a module's network encryption would reach every later module), so they are cleared first.
+    """
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
+
+    if SparkContext._jvm is not None:
+        for key in _OVERRIDDEN - set(conf):
+            SparkContext._jvm.System.clearProperty(key)
+    _OVERRIDDEN.update(conf)
 
     builder = (SparkSession.builder.master(master).appName(app)
                .config("spark.ui.enabled", "false")
