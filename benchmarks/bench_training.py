@@ -129,7 +129,8 @@ def run_torchrun(npz: Path, args: argparse.Namespace, tmp: Path, extras: tuple[s
            "--hidden", *map(str, args.hidden), "--out", str(out)]
     if extras:
         cmd += ["--extras", *extras, "--tracking-uri", tracking_uri or f"sqlite:///{tmp}/ddp.db"]
-    for attempt in range(2):  # a rare abort of a rank at exit under load: retry once, counted
+    for attempt in range(2):  # retry once, counted in the result (none seen since ddp_loop
+                              # drops its DDP model before destroying the process group)
         t_launch = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         t_end = time.time()

@@ -22,6 +22,7 @@ As a script (under ``torchrun``) rank 0 writes the result as JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -152,6 +153,11 @@ def train(data_path: str, epochs: int, batch_size: int, hidden: list[int], lr: f
     # Every rank returns rank 0's figures: in local mode TorchDistributor keeps the return value
     # of whichever rank writes its output file last, not necessarily rank 0's.
     dist.broadcast_object_list(result, src=0)
+    # DDP's reducer holds the process group: drop it first, or the group outlives
+    # destroy_process_group and its gloo threads are torn down at interpreter exit, which aborts
+    # the process ("terminate called without an active exception").
+    del model, opt, extra
+    gc.collect()
     dist.destroy_process_group()
     return result[0]
 
