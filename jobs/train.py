@@ -15,6 +15,7 @@ from pyspark.sql import SparkSession
 
 from sparkml_dist import fit, load_config
 from sparkml_dist.errors import SparkMLDistError
+from sparkml_dist.tracking.redact import redact_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,12 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         result = fit(None, cfg, spark=spark, resume_run_id=args.resume,
                      force_resume=args.force_resume)
     except SparkMLDistError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_uri(str(exc))}", file=sys.stderr)
         return 2
     print(json.dumps({"run_id": result.run_id, "model_uri": result.model_uri,
                       "attempts": result.attempts, "metrics": result.metrics}, indent=2))
     print(f"MLflow run: {result.run_id}")
-    print(f"Open it:    mlflow ui --backend-store-uri {result.tracking_uri} --port 5000  "
+    uri = redact_uri(result.tracking_uri)  # a password stays out of the job's output
+    print(f"Open it:    mlflow ui --backend-store-uri {uri} --port 5000  "
           f"-> http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.run_id}")
     return 0
 

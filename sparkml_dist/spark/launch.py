@@ -22,6 +22,7 @@ from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import USER_ERROR_MARKER, TrainingFailed, UserCodeError
 from sparkml_dist.spark.prepare import PreparedData
 from sparkml_dist.spark.task import RESULT_SCHEMA, TaskSpec, run_barrier_task
+from sparkml_dist.tracking.redact import redact_uri
 from sparkml_dist.tracking.run import JobRun
 from sparkml_dist.training.loop import RankPlan
 
@@ -36,8 +37,9 @@ _RANK_PATTERNS = (r"sparkml_dist rank (\d+) attempt", r"ResultTask\(\d+, (\d+)\)
 
 
 def describe_failure(exc: BaseException, attempt: int) -> dict[str, Any]:
-    """Rank, error and log tail of a failed barrier stage, parsed from Spark's exception."""
-    text = str(exc)
+    """Rank, error and log tail of a failed barrier stage, parsed from Spark's exception (URI
+    passwords in it redacted)."""
+    text = redact_uri(str(exc))
     rank = None
     for pattern in _RANK_PATTERNS:
         m = re.search(pattern, text)
@@ -171,7 +173,9 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
                                     barrier=True)
                         .collect())
         except Exception as exc:  # noqa: BLE001 - classified below
-            failure = deadline.failure(attempt) or describe_failure(exc, attempt)
+            # The job's secrets (a read option quoted by Spark's error) stay out of logs too.
+            failure = run.redactor.value(deadline.failure(attempt)
+                                         or describe_failure(exc, attempt))
             run.log_failure(attempt, failure)
             log.error("attempt %d failed on rank %s: %s", attempt, failure["rank"],
                       failure["error"])

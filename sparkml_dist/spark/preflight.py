@@ -13,6 +13,7 @@ from pyspark.sql import SparkSession
 
 from sparkml_dist.config import BackendConfig, TrackingConfig
 from sparkml_dist.errors import ClusterError
+from sparkml_dist.tracking.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,10 @@ def local_store_problem(tracking_uri: str, master: str,
     if not master or _master_is_local(master):
         return None
     if _is_local_path(tracking_uri):
-        what = f"the tracking store {tracking_uri}"
+        what = f"the tracking store {redact_uri(tracking_uri)}"
     elif artifact_location and _is_local_path(artifact_location):
-        what = (f"the experiment's artifact location {artifact_location} (tracking server "
-                f"{tracking_uri} does not proxy artifacts)")
+        what = (f"the experiment's artifact location {redact_uri(artifact_location)} (tracking "
+                f"server {redact_uri(tracking_uri)} does not proxy artifacts)")
     else:
         return None
     return (f"{what} is a path on the driver's disk, but spark.master={master} runs the ranks "
@@ -171,7 +172,8 @@ def check_tracking_store(spark: SparkSession, tracking_uri: str, experiment: str
             exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
             artifact_location = exp.artifact_location if exp is not None else None
         except Exception as exc:  # noqa: BLE001 - the run's creation reports it just after
-            log.debug("could not read experiment %r from %s: %s", experiment, tracking_uri, exc)
+            log.debug("could not read experiment %r from %s: %s", experiment,
+                      redact_uri(tracking_uri), redact_uri(str(exc)))
     problem = local_store_problem(tracking_uri, master, artifact_location)
     if problem:
         raise ClusterError(problem)
@@ -212,8 +214,8 @@ def _report_problems(driver: dict[str, dict], driver_python: str, rep: dict) -> 
             problems.append(f"{name} {got.get('version')} with other code (code hash "
                             f"{got.get('code')}, driver: {want.get('code')}): the executors' "
                             "copy was built from another checkout; rebuild it")
-    if rep.get("tracking_error"):
-        problems.append(rep["tracking_error"])
+    if rep.get("tracking_error"):  # the executor quotes the URI as given: redact it here
+        problems.append(redact_uri(rep["tracking_error"]))
     return problems
 
 
@@ -317,7 +319,7 @@ _PROBE_ERRORS = (r"Cannot run program [^\n]*", r"Python in worker has different 
 
 
 def _probe_failure(spark: SparkSession, classic: Any, exc: BaseException) -> str:
-    text = str(exc)
+    text = redact_uri(str(exc))
     first = next((m.group(0) for p in _PROBE_ERRORS if (m := re.search(p, text))),
                  text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
     python = (getattr(classic, "pythonExec", None) if classic is not None else None) or \

@@ -16,10 +16,10 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from sparkml_dist.config import JobConfig
+from sparkml_dist.config import JobConfig, to_dict
 from sparkml_dist.errors import ConfigError
 from sparkml_dist.tracking.mlflow_store import default_tracking_uri
-from sparkml_dist.tracking.redact import redact
+from sparkml_dist.tracking.redact import Redactor, redact
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class JobRun:
     def __init__(self, cfg: JobConfig, resume_run_id: str | None = None, *,
                  force_resume: bool = False) -> None:
         self.tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
+        self.redactor = Redactor({"config": to_dict(cfg), "tracking_uri": self.tracking_uri})
+        """Removes this job's secrets from text bound for the run or the logs."""
         self.client = MlflowClient(self.tracking_uri)
         self._beating = threading.Event()
         if resume_run_id:
@@ -83,19 +85,21 @@ class JobRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, self.redactor.text(str(v)))
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
         for k, v in params.items():
             if k not in existing:
-                self.client.log_param(self.run_id, k, str(v))
+                self.client.log_param(self.run_id, k, self.redactor.text(str(v)))
 
     def record_attempt(self, attempt: int) -> None:
         self.client.set_tag(self.run_id, ATTEMPTS_TAG, str(attempt + 1))
 
     def log_failure(self, attempt: int, failure: dict[str, Any]) -> None:
-        """Record a failed attempt: tag, metric and a JSON artifact with the log tail."""
+        """Record a failed attempt: tag, metric and a JSON artifact with the log tail (secrets of
+        the job redacted: the error may quote a URI with its password, or a read option)."""
+        failure = self.redactor.value(failure)
         self.client.set_tag(self.run_id, f"sparkml_dist.failure.{attempt}",
                             f"{failure.get('kind', 'error')} (reported by rank "
                             f"{failure.get('rank')}): {failure.get('error', '')[:400]}")
