@@ -93,6 +93,8 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         df = read_source(spark, cfg.data)
     if cfg.strategy.kind == "federated":
         return _fit_federated(spark, df, cfg, resume_run_id, force_resume)
+    if cfg.strategy.kind == "parameter_server":
+        return _fit_parameter_server(spark, df, cfg, resume_run_id, force_resume)
     tc = cfg.training
     check_environment(cfg, _master(spark))
     check_encryption(cfg, lambda key: _conf(spark, key))
@@ -166,19 +168,40 @@ def _fit_federated(spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | Non
     """``strategy.kind: federated``: rounds run by the driver as ordinary Spark stages
     (:mod:`sparkml_dist.strategies.federated`), in one MLflow run like every job."""
     from sparkml_dist.strategies.federated.driver import fit_federated
+
+    return _fit_on_driver(fit_federated, spark, df, cfg, resume_run_id, force_resume)
+
+
+def _fit_parameter_server(spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | None,
+                          force_resume: bool = False) -> FitResult:
+    """``strategy.kind: parameter_server``: servers started by the driver, workers as one
+    ordinary Spark stage (:mod:`sparkml_dist.strategies.parameter_server`), one MLflow run."""
+    from sparkml_dist.strategies.parameter_server.driver import fit_parameter_server
+
+    if resume_run_id:
+        raise ConfigError("strategy.kind=parameter_server cannot resume a run yet (its servers "
+                          "are not checkpointed); start a new run.")
+    return _fit_on_driver(fit_parameter_server, spark, df, cfg, resume_run_id, force_resume)
+
+
+def _fit_on_driver(fit_fn: Any, spark: Any, df: Any, cfg: JobConfig, resume_run_id: str | None,
+                   force_resume: bool) -> FitResult:
+    """A strategy whose driver runs the job itself: ``fit_fn(spark, df, cfg, run)`` inside one
+    MLflow run, which it leaves FINISHED, or FAILED/KILLED with the error."""
     from sparkml_dist.tracking.run import JobRun
 
     run = JobRun(cfg, resume_run_id, force_resume=force_resume)
     run.start_heartbeat()
     try:
-        out = fit_federated(spark, df, cfg, run)
+        out = fit_fn(spark, df, cfg, run)
         run.log_training_curves()
     except BaseException as exc:
         run.finish_after(exc)
         raise
     run.finish()
     return FitResult(run_id=run.run_id, model_uri=out.get("model_uri"), metrics=out["metrics"],
-                     attempts=1, tracking_uri=run.tracking_uri, experiment_id=run.experiment_id)
+                     attempts=1, tracking_uri=run.tracking_uri, experiment_id=run.experiment_id,
+                     ranks=tuple(out.get("ranks", ())))
 
 
 def _conf(spark: Any, key: str) -> str:

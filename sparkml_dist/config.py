@@ -348,11 +348,53 @@ class GossipConfig:
                f"strategy.gossip_every must be an integer >= 1; got {self.gossip_every!r}.")
 
 
-StrategyConfig = DataParallelConfig | GossipConfig | FederatedConfig
+@dataclass(frozen=True, kw_only=True)
+class ParameterServerConfig:
+    """``strategy.kind: parameter_server``: parameters sharded over server processes the driver
+    starts; workers (ordinary Spark tasks, one per data shard) pull parameters, push gradients,
+    and the servers apply the optimizer (``optimizer:``). See
+    :mod:`sparkml_dist.strategies.parameter_server`."""
+
+    kind: Literal["parameter_server"] = "parameter_server"
+    """Strategy discriminator."""
+    mode: Literal["sync", "async", "ssp"] = "sync"
+    """``sync`` (bulk-synchronous: each step applies the mean of every worker's gradient),
+    ``async`` (Downpour: each push applied on arrival, nobody waits) or ``ssp`` (stale
+    synchronous: pushes applied on arrival, a worker at most ``staleness`` steps ahead of the
+    slowest)."""
+    staleness: int = 2
+    """``ssp`` only: the bound s on how many steps a worker may run ahead of the slowest (0 is
+    bulk-synchronous)."""
+    num_servers: int = 1
+    """Server shards the parameters are split over (balanced by size)."""
+    replicas: int = 0
+    """Replicas per shard: 0, or 1 (chain replication; on losing a primary the workers switch
+    to its replica and training goes on)."""
+    straggler_sleep_s: Mapping[int, float] = field(default_factory=dict)
+    """BENCHMARKS ONLY: worker rank -> seconds it sleeps after every step."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("sync", "async", "ssp"),
+               f"strategy.mode must be one of sync, async, ssp; got {self.mode!r}.")
+        _check(isinstance(self.staleness, int) and self.staleness >= 0,
+               f"strategy.staleness must be an integer >= 0; got {self.staleness!r}.")
+        _check(isinstance(self.num_servers, int) and self.num_servers >= 1,
+               f"strategy.num_servers must be an integer >= 1; got {self.num_servers!r}.")
+        _check(self.replicas in (0, 1),
+               f"strategy.replicas must be 0 or 1; got {self.replicas!r}.")
+        for rank, sleep in dict(self.straggler_sleep_s).items():
+            _check(isinstance(rank, int) and rank >= 0 and math.isfinite(float(sleep))
+                   and float(sleep) >= 0,
+                   "strategy.straggler_sleep_s maps worker ranks (int >= 0) to seconds >= 0; got "
+                   f"{rank!r}: {sleep!r}.")
+
+
+StrategyConfig = DataParallelConfig | GossipConfig | FederatedConfig | ParameterServerConfig
 """The ``strategy:`` section: one frozen dataclass per kind, told apart by its ``kind`` field."""
 
 STRATEGY_KINDS: dict[str, type] = {"data_parallel": DataParallelConfig, "gossip": GossipConfig,
-                                   "federated": FederatedConfig}
+                                   "federated": FederatedConfig,
+                                   "parameter_server": ParameterServerConfig}
 """``strategy.kind`` -> its config dataclass."""
 
 

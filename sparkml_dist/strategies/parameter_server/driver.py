@@ -1,0 +1,237 @@
+"""``strategy.kind: parameter_server`` on the driver: prepare the data, start the servers,
+run the workers as one ordinary Spark stage, read the trained parameters back, evaluate, and
+log everything into the job's one MLflow run."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.entities import Metric
+from pyspark.sql import functions as F
+
+from sparkml_dist.algo.ps import StalenessHistogram
+from sparkml_dist.config import JobConfig, ParameterServerConfig
+from sparkml_dist.data.layout import DataLayout
+from sparkml_dist.data.shard_store import SPLIT
+from sparkml_dist.errors import ClusterError, ConfigError, TrainingFailed
+from sparkml_dist.strategies.parameter_server.client import Servers
+from sparkml_dist.strategies.parameter_server.processes import ServerGroup
+from sparkml_dist.strategies.parameter_server.plan import plan_job, worker_task
+from sparkml_dist.strategies.parameter_server.worker import RESULT_DDL, WorkerTask, run_worker_task
+
+log = logging.getLogger(__name__)
+
+RESUME_GUARANTEE = ("none across jobs: a stopped job starts again from its initial model. "
+                    "Within a job a retried worker task resumes at the step the servers hold "
+                    "for it, and a lost primary server is replaced by its replica, which has "
+                    "applied every acknowledged push in the same order")
+
+
+def driver_host(spark: Any) -> str:
+    """The address executors reach the driver at (``spark.driver.host``)."""
+    try:
+        host = spark.conf.get("spark.driver.host", None)
+    except Exception:  # noqa: BLE001 - Spark Connect hides it
+        host = None
+    if not host:
+        raise ClusterError("strategy.kind=parameter_server starts its servers on the driver and "
+                           "needs spark.driver.host (classic Spark; not a Spark Connect client).")
+    return socket.gethostbyname(host)
+
+
+def _check(spark: Any, cfg: JobConfig, ps: ParameterServerConfig) -> None:
+    from sparkml_dist.spark.preflight import available_slots
+
+    if cfg.data.scale != "none":
+        raise ConfigError("strategy.kind=parameter_server does not support data.scale yet; "
+                          f"got data.scale={cfg.data.scale}. Set data.scale=none.")
+    w = cfg.training.num_workers
+    bad = [r for r in ps.straggler_sleep_s if r >= w]
+    if bad:
+        raise ConfigError(f"strategy.straggler_sleep_s names workers {bad}, but "
+                          f"training.num_workers={w} (workers 0..{w - 1}).")
+    slots = available_slots(spark)
+    if ps.mode != "async" and slots is not None and slots < w:
+        raise ClusterError(f"strategy.mode={ps.mode} needs all {w} workers running at once, but "
+                           f"the session has {slots} task slots. Lower training.num_workers or "
+                           "add executors.")
+
+
+def fit_parameter_server(spark: Any, df: Any, cfg: JobConfig, run: Any) -> dict[str, Any]:
+    """Run a parameter-server job into ``run`` (a :class:`~sparkml_dist.tracking.run.JobRun`;
+    the caller creates and finishes it). Returns ``{"metrics", "model_uri", "workers" (each
+    worker's report), "ranks" (the same without per-step lists), "servers", "state"}``."""
+    from sparkml_dist.driver_checks import check_prepared
+    from sparkml_dist.spark.prepare import prepare
+
+    ps = cfg.strategy
+    if not isinstance(ps, ParameterServerConfig):
+        raise ConfigError(f"fit_parameter_server needs strategy.kind=parameter_server; got {ps!r}")
+    _check(spark, cfg, ps)
+    layout = DataLayout.one_per_rank(cfg.training.num_workers)
+    prepared = prepare(spark, df, cfg.data, layout, cfg.training.seed)
+    try:
+        check_prepared(cfg, prepared.train_shard_sizes, prepared.classes)
+        return _run(spark, prepared, cfg, ps, run)
+    finally:
+        prepared.release()
+
+
+def _run(spark: Any, prepared: Any, cfg: JobConfig, ps: ParameterServerConfig,
+         run: Any) -> dict[str, Any]:
+    w = cfg.training.num_workers
+    plan = plan_job(cfg, prepared.in_features, prepared.num_outputs,
+                    prepared.train_shard_sizes)
+    secret = os.urandom(32)  # authenticates every frame; travels only in the task closure
+    group = ServerGroup(driver_host(spark), secret, cfg.backend.rendezvous_timeout_s)
+    try:
+        endpoints = group.start(plan.specs, plan.initial_values(), ps.replicas)
+        run.set_tags({"sparkml_dist.strategy": "parameter_server",
+                      "sparkml_dist.ps.mode": ps.mode,
+                      "sparkml_dist.ps.servers": json.dumps(group.describe()),
+                      "sparkml_dist.resume_guarantee": RESUME_GUARANTEE,
+                      "sparkml_dist.world_size": w})
+        run.log_params({"data.rows_train": sum(prepared.train_shard_sizes),
+                        "data.rows_val": sum(prepared.val_shard_sizes),
+                        "data.in_features": prepared.in_features,
+                        "ps.shard_values": plan.sizes})
+        task = worker_task(plan, cfg, endpoints, secret, prepared.in_features,
+                           prepared.num_outputs, prepared.layout.shards_of_rank)
+        t0 = time.monotonic()
+        try:
+            table = prepared.frame.mapInArrow(functools.partial(run_worker_task, task),
+                                              RESULT_DDL).toArrow()
+        except Exception as exc:
+            dead = group.dead()
+            raise TrainingFailed(
+                "parameter-server workers failed"
+                + (f" (servers gone: {', '.join(dead)})" if dead else "")
+                + f": {_last_line(exc)}") from exc
+        wall = time.monotonic() - t0
+        workers = sorted((json.loads(r) for r in table.column("report").to_pylist()),
+                         key=lambda r: r["worker"])
+        # The driver reads from whichever server of each shard still serves (failover).
+        client = Servers(endpoints, secret, cfg.backend.timeout_s, plan.sizes)
+        try:
+            values, server_reports = client.state(), client.reports()
+        finally:
+            client.close()
+    finally:
+        group.stop()
+    plan.load(values)
+    model = plan.model
+    metrics = _log_results(prepared, cfg, run, task, model, workers, server_reports, wall)
+    model_uri = _finish(prepared, cfg, run, model, plan.total_steps)
+    ranks = [{k: v for k, v in r.items() if k not in ("stamps", "losses")} for r in workers]
+    return {"metrics": metrics, "model_uri": model_uri, "workers": workers, "ranks": ranks,
+            "servers": server_reports, "state": {k: v.detach().clone()
+                                                 for k, v in model.state_dict().items()}}
+
+
+def _failovers(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [f for r in workers for f in r.get("failovers", [])]
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in ("ServerLost: ", "ServerError: ", "RuntimeError: "):
+        if marker in text:
+            return text[text.rindex(marker):].splitlines()[0]
+    return text[-2000:]
+
+
+def _evaluate(prepared: Any, cfg: JobConfig, task: WorkerTask, model: torch.nn.Module
+              ) -> dict[str, float]:
+    """Validation loss and accuracy (or RMSE) of ``model`` over the validation rows, in one
+    Spark stage (federated's evaluation; it reads the model's factory, sizes and task from
+    ``task``)."""
+    from sparkml_dist.strategies.federated import stages, weights
+
+    if not sum(prepared.val_shard_sizes):
+        return {}
+    spec = dataclasses.replace(task, secret=b"")
+    payload = stages.Inline(weights.flatten(model).numpy().tobytes())
+    val = prepared.frame.filter(F.col(SPLIT) == 1)
+    t = val.mapInArrow(functools.partial(stages.evaluate_batches, spec, payload),
+                       stages.EVAL_DDL).toArrow()
+    n = int(sum(t.column("n").to_pylist()))
+    out = {"val/loss": sum(t.column("loss_sum").to_pylist()) / n}
+    if cfg.data.task == "classification":
+        out["val/accuracy"] = sum(t.column("correct").to_pylist()) / n
+    else:
+        out["val/rmse"] = float(np.sqrt(sum(t.column("sq_err").to_pylist()) / n))
+    return out
+
+
+def _log_results(prepared: Any, cfg: JobConfig, run: Any, task: WorkerTask,
+                 model: torch.nn.Module,
+                 workers: list[dict[str, Any]], servers: list[dict[str, Any]], wall: float
+                 ) -> dict[str, float]:
+    tc = cfg.training
+    hist = StalenessHistogram()
+    for s in servers:
+        hist.merge({int(k): v for k, v in s["report"]["staleness"].items()})
+    samples = sum(r["steps"] for r in workers) * tc.batch_size
+    metrics: dict[str, float] = {
+        "ps/samples_per_s": samples / wall if wall > 0 else 0.0, "time/train_s": wall,
+        "ps/staleness_mean": hist.mean(), "ps/staleness_max": float(hist.max()),
+        "ps/staleness_p90": float(hist.quantile(0.9)),
+        "ps/failovers": float(len(_failovers(workers))),
+        "ps/bytes_pushed": float(sum(r["bytes_out"] for r in workers)),
+        "ps/bytes_pulled": float(sum(r["bytes_in"] for r in workers)),
+        "ps/pull_s": sum(r["pull_s"] for r in workers),
+        "ps/push_s": sum(r["push_s"] for r in workers)}
+    for r in workers:
+        metrics[f"ps/worker_{r['worker']}/steps_per_s"] = \
+            r["steps"] / r["seconds"] if r["seconds"] > 0 else 0.0
+    metrics.update(_evaluate(prepared, cfg, task, model))
+    now = int(time.time() * 1000)
+    rows = [Metric(k, float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)]
+    # Train loss per global step: the mean over workers of their loss at that step.
+    by_step: dict[int, list[float]] = {}
+    for r in workers:
+        for (step, *_), loss in zip(r["stamps"], r["losses"]):
+            by_step.setdefault(step, []).append(loss)
+    rows += [Metric("train/loss", float(np.mean(v)), now, s) for s, v in sorted(by_step.items())
+             if s % tc.log_every_steps == 0 or s == max(by_step)]
+    for i in range(0, len(rows), 900):
+        run.client.log_batch(run.run_id, metrics=rows[i:i + 900])
+    run.client.log_dict(run.run_id, {"histogram": {str(k): v for k, v in
+                                                   sorted(hist.counts.items())},
+                                     "per_shard": [s["report"] for s in servers]},
+                        "ps/staleness.json")
+    run.client.log_dict(run.run_id, {str(s["report"]["shard"]): s["events"] for s in servers},
+                        "ps/events.json")
+    run.client.log_dict(run.run_id, [{k: r[k] for k in ("worker", "attempt", "start_step",
+                                                         "steps", "seconds", "stamps",
+                                                         "failovers", "pull_s", "push_s",
+                                                         "bytes_out", "bytes_in")}
+                                     for r in workers], "ps/workers.json")
+    log.info("parameter-server job: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+def _finish(prepared: Any, cfg: JobConfig, run: Any, model: torch.nn.Module, total: int
+            ) -> str | None:
+    """The final model as the run's checkpoint (``api.final_state`` reads it) and, when
+    ``tracking.log_model``, as its logged model."""
+    if cfg.checkpoint.enabled:
+        from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
+
+        store = MlflowCheckpointStore(run.tracking_uri, run.run_id, cfg.checkpoint.keep_last)
+        store.save({"model": {k: v.detach().clone() for k, v in model.state_dict().items()}},
+                   {"steps_done": total, "epoch": cfg.training.epochs, "step_in_epoch": 0,
+                    "fingerprint": {"strategy": "parameter_server"}})
+    if not cfg.tracking.log_model:
+        return None
+    example = np.asarray(prepared.example_features, dtype=np.float32)
+    return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name)

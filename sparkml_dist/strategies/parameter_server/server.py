@@ -1,0 +1,174 @@
+"""A parameter-server process: one shard (primary or replica) behind a TCP socket.
+
+Started by the driver as ``python -m sparkml_dist.strategies.parameter_server.server SPEC``:
+``SPEC`` is a local file (``torch.load(weights_only=True)``: plain dicts and tensors) with the
+:class:`~.shard.ShardSpec` and the shard's initial values; the job secret (hex) arrives on
+stdin, never in arguments or the environment. The process binds ``host:0`` and prints
+``READY <port>`` on stdout; then it serves until told ``shutdown`` or killed.
+
+Requests (JSON header, raw float32 body, see :mod:`.wire`):
+
+- ``hello {worker}`` -> ``{clock, version}``: where that worker resumes.
+- ``pull {worker, step}`` -> body: the shard's values once the mode allows (bounded wait).
+- ``push {worker, step, pulled_version}`` + body: the gradient. A primary applies it, forwards
+  the same request to its replica and waits for the replica's ack before acking the worker
+  (chain replication), all under the shard lock so the replica applies pushes in the primary's
+  order and holds identical state. A duplicate (same worker and step) is acked and ignored.
+- ``state`` -> body: the values; header: version and clocks. ``report`` -> measurements and
+  the event log. ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import sys
+import threading
+import time
+from typing import Any
+
+from sparkml_dist.strategies.parameter_server import wire
+from sparkml_dist.strategies.parameter_server.shard import PullTimeout, Shard, ShardSpec
+
+log = logging.getLogger(__name__)
+
+
+class _Forwarder:
+    """The primary's connection to its replica."""
+
+    def __init__(self, address: tuple[str, int], secret: bytes, timeout_s: float) -> None:
+        self.address, self.secret, self.timeout_s = address, secret, timeout_s
+        self.sock: socket.socket | None = None
+        self.lost: str | None = None
+
+    def forward(self, header: dict[str, Any], body: bytes) -> None:
+        if self.lost is not None:
+            return
+        try:
+            if self.sock is None:
+                self.sock = socket.create_connection(self.address, timeout=self.timeout_s)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            wire.send(self.sock, self.secret, header, body)
+            reply, _, _ = wire.recv(self.sock, self.secret)
+        except (OSError, wire.WireError) as exc:
+            self.lost = f"{type(exc).__name__}: {exc}"
+            log.error("replica at %s:%d lost (%s); this primary goes on alone", *self.address,
+                      self.lost)
+            return
+        if "error" in reply:
+            raise RuntimeError(f"replica refused a forwarded push: {reply['error']}")
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        srv = self.server
+        while not srv.stopping.is_set():
+            try:
+                header, body, n = wire.recv(sock, srv.secret)
+            except (OSError, wire.WireError) as exc:
+                if not isinstance(exc, wire.WireError) or "closed" not in str(exc):
+                    log.warning("dropping a connection: %s", exc)
+                return
+            try:
+                reply, out = srv.dispatch(header, body, n)
+            except PullTimeout as exc:
+                reply, out = {"error": str(exc), "kind": "timeout"}, b""
+            except Exception as exc:  # noqa: BLE001 - answered to the client, who raises it
+                log.exception("request %s failed", header.get("op"))
+                reply, out = {"error": f"{type(exc).__name__}: {exc}"}, b""
+            try:
+                sent = wire.send(sock, srv.secret, reply, out)
+            except OSError:
+                return
+            with srv.shard.cond:
+                srv.shard.stats["bytes_out"] += sent
+            if header.get("op") == "shutdown":
+                threading.Thread(target=srv.shutdown, daemon=True).start()
+                return
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, shard: Shard, secret: bytes) -> None:
+        super().__init__((host, 0), _Handler)
+        self.shard, self.secret = shard, secret
+        self.stopping = threading.Event()
+        spec = shard.spec
+        self.forwarder = _Forwarder(spec.replica, secret, spec.timeout_s) \
+            if spec.replica else None
+
+    def dispatch(self, h: dict[str, Any], body: bytes, nbytes: int) -> tuple[dict, bytes]:
+        op, shard = h.get("op"), self.shard
+        with shard.cond:
+            shard.stats["bytes_in"] += nbytes
+            if op == "pull":
+                values, version = shard.wait_pull(int(h["worker"]), int(h["step"]))
+                return {"version": version}, wire.to_bytes(values)
+            if op == "push":
+                grad = wire.from_bytes(body, shard.numel, f"push to shard {shard.spec.shard}")
+                fresh = shard.push(int(h["worker"]), int(h["step"]), int(h["pulled_version"]),
+                                   grad)
+                if fresh and self.forwarder is not None:
+                    self.forwarder.forward({**h, "forwarded": True}, body)
+                return {"ok": True, "duplicate": not fresh}, b""
+            if op == "hello":
+                worker = int(h["worker"])
+                shard._check_worker(worker)
+                return {"clock": shard.clocks[worker], "version": shard.version,
+                        "role": shard.spec.role}, b""
+            if op == "state":
+                return {"version": shard.version, "clocks": list(shard.clocks)}, \
+                    wire.to_bytes(shard.vector())
+            if op == "report":
+                rep = shard.report()
+                rep["replica_lost"] = self.forwarder.lost if self.forwarder else None
+                return {"report": rep, "events": shard.events}, b""
+            if op == "shutdown":
+                self.stopping.set()
+                return {"ok": True}, b""
+        raise ValueError(f"unknown request {op!r}")
+
+
+def serve(spec: ShardSpec, values: list[Any], secret: bytes, host: str,
+          ready: Any = None) -> None:
+    """Serve one shard until ``shutdown`` (``ready(port)`` is called once bound)."""
+    srv = _Server(host, Shard(spec, values), secret)
+    port = srv.server_address[1]
+    log.info("shard %d %s serving on %s:%d", spec.shard, spec.role, host, port)
+    if ready is not None:
+        ready(port)
+    try:
+        srv.serve_forever(poll_interval=0.2)
+    finally:
+        srv.server_close()
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    raw = torch.load(argv[1], weights_only=True)
+    secret = bytes.fromhex(sys.stdin.readline().strip())
+    spec = ShardSpec.from_dict(raw["spec"])
+
+    def ready(port: int) -> None:
+        sys.stdout.write(f"READY {port}\n")
+        sys.stdout.flush()
+
+    t0 = time.monotonic()
+    serve(spec, list(raw["values"]), secret, raw["host"], ready)
+    log.info("shard %d %s stopped after %.1f s", spec.shard, spec.role, time.monotonic() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

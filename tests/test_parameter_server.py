@@ -1,0 +1,285 @@
+"""Parameter servers without Spark: the pure math (sharding, the SSP rule, staleness) against
+hand-computed cases, then real server processes on loopback with workers in threads: ``sync``
+against the single-process reference (1 and 2 shards), ``ssp``'s bound from the servers' event
+logs, ``async``/``ssp`` accuracy against ``sync``, failover to a replica after the primary is
+killed, a retried worker resuming from its server-side clock, a dead server's error, and frames
+that fail authentication."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sparkml_dist.algo.ps import (
+    StalenessHistogram, may_proceed, pull_ready, shard_parameters, ssp_violations)
+from sparkml_dist.config import JobConfig
+from sparkml_dist.errors import ConfigError
+from sparkml_dist.strategies.parameter_server import wire
+from sparkml_dist.strategies.parameter_server.client import Servers, ServerLost
+from sparkml_dist.strategies.parameter_server.plan import plan_job, worker_task
+from sparkml_dist.strategies.parameter_server.processes import ServerGroup
+from sparkml_dist.strategies.parameter_server.worker import train_worker
+from tests.ranks import digits, rank_stores, reference_weights
+
+# -- pure math ------------------------------------------------------------------------------
+
+
+def test_sharding_is_greedy_largest_first_and_balanced():
+    sizes = [("a", 10), ("b", 7), ("c", 6), ("d", 5), ("e", 2)]
+    # 10 -> s0; 7 -> s1; 6 -> s1 (7 < 10)?  no: loads (10, 7) -> s1 gets 6 (13); 5 -> s0 (15);
+    # 2 -> s1 (15)
+    assert shard_parameters(sizes, 2) == [["a", "d"], ["b", "c", "e"]]
+    assert shard_parameters(sizes, 1) == [["a", "b", "c", "d", "e"]]
+    # ties go to the lowest shard; names come back in model order
+    assert shard_parameters([("x", 3), ("y", 3), ("z", 3)], 3) == [["x"], ["y"], ["z"]]
+    with pytest.raises(ValueError, match="num_servers to at most 2"):
+        shard_parameters([("x", 1), ("y", 1)], 3)
+
+
+def test_ssp_rule_and_pull_readiness():
+    # Ho et al.: a worker at clock c proceeds iff c - min_clock <= s
+    assert may_proceed(5, [5, 3], 2) and not may_proceed(6, [6, 3], 2)
+    assert may_proceed(3, [3, 3], 0) and not may_proceed(4, [4, 3], 0)
+    assert pull_ready("sync", 4, 4, [5, 4], 0) and not pull_ready("sync", 5, 4, [5, 4], 0)
+    assert pull_ready("async", 100, 0, [100, 0], 0)
+    assert pull_ready("ssp", 4, 0, [4, 2], 2) and not pull_ready("ssp", 5, 0, [5, 2], 2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        pull_ready("bsp", 0, 0, [0], 0)
+
+
+def test_staleness_histogram_and_violation_check():
+    h = StalenessHistogram()
+    for s in [0, 0, 1, 3, 3, 3]:
+        h.add(s)
+    assert h.counts == {0: 2, 1: 1, 3: 3} and h.total == 6 and h.max() == 3
+    assert h.mean() == pytest.approx(10 / 6) and h.quantile(0.5) == 1 and h.quantile(1) == 3
+    h.merge({"2": 4})
+    assert h.counts[2] == 4
+    events = [{"op": "push", "worker": 0, "step": 0}, {"op": "pull", "worker": 0, "step": 1},
+              {"op": "pull", "worker": 0, "step": 2},  # worker 1 still at clock 0: 2 - 0 > 1
+              {"op": "push", "worker": 1, "step": 0}, {"op": "pull", "worker": 0, "step": 2}]
+    assert ssp_violations(events, 2, 1) == [{"worker": 0, "step": 2, "min_clock": 0}]
+    assert ssp_violations(events, 2, 2) == []
+
+
+def test_config_validates_its_settings():
+    ok = JobConfig().replace(**{"strategy.kind": "parameter_server", "strategy.mode": "ssp",
+                                "strategy.staleness": 0})
+    assert ok.strategy.mode == "ssp" and ok.strategy.staleness == 0
+    for key, value, msg in [("strategy.mode", "bsp", "strategy.mode"),
+                            ("strategy.staleness", -1, "strategy.staleness"),
+                            ("strategy.num_servers", 0, "strategy.num_servers"),
+                            ("strategy.replicas", 2, "strategy.replicas"),
+                            ("strategy.straggler_sleep_s", {0: -1.0}, "straggler_sleep_s")]:
+        with pytest.raises(ConfigError, match=msg):
+            JobConfig().replace(**{"strategy.kind": "parameter_server", key: value})
+
+
+def test_frames_authenticate_and_refuse_a_wrong_secret():
+    a, b = socket.socketpair()
+    with a, b:
+        wire.send(a, b"k" * 32, {"op": "pull", "step": 3}, wire.to_bytes(np.arange(4.0)))
+        header, body, _ = wire.recv(b, b"k" * 32)
+        assert header == {"op": "pull", "step": 3}
+        assert wire.from_bytes(body, 4, "test").tolist() == [0.0, 1.0, 2.0, 3.0]
+        wire.send(a, b"k" * 32, {"op": "pull"})
+        with pytest.raises(wire.WireError, match="authentication"):
+            wire.recv(b, b"x" * 32)
+
+
+# -- servers on loopback, workers in threads ------------------------------------------------
+
+W = 2
+
+
+def job(mode: str = "sync", servers: int = 1, epochs: int = 2, **extra) -> JobConfig:
+    return JobConfig().replace(**{
+        "training.num_workers": W, "training.epochs": epochs, "training.batch_size": 16,
+        "optimizer.name": "sgd", "optimizer.lr": 0.1, "optimizer.momentum": 0.5,
+        "strategy.kind": "parameter_server", "strategy.mode": mode,
+        "strategy.num_servers": servers, "backend.timeout_s": 60.0, **extra})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits()
+
+
+def run_job(cfg: JobConfig, ds, during=None, workers=None):
+    """Start the servers, train every worker in a thread, return (model state, worker reports,
+    server reports, the group's process table). ``during(group, reports)`` runs alongside."""
+    plan = plan_job(cfg, ds.x.shape[1], int(ds.y.max()) + 1, ds.shard_sizes(W))
+    secret = os.urandom(32)
+    group = ServerGroup("127.0.0.1", secret)
+    try:
+        eps = group.start(plan.specs, plan.initial_values(), cfg.strategy.replicas)
+        task = worker_task(plan, cfg, eps, secret, ds.x.shape[1], int(ds.y.max()) + 1)
+        reps, errors = {}, {}
+
+        def work(w, t=task):
+            try:
+                reps[w] = train_worker(t, w, rank_stores(ds, w, W)[0])
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors[w] = exc
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in (workers or range(W))]
+        for t in threads:
+            t.start()
+        if during is not None:
+            during(group, plan, task, reps)
+        for t in threads:
+            t.join(timeout=300)
+        procs = group.describe()
+        if errors:
+            return None, reps, errors, procs
+        client = Servers(eps, secret, 60.0, plan.sizes)
+        plan.load(client.state())
+        server_reports = client.reports()
+        client.close()
+    finally:
+        group.stop()
+    return plan.model.state_dict(), reps, server_reports, procs
+
+
+def accuracy(state, ds) -> float:
+    from sparkml_dist.models import build_model
+
+    model = build_model("sparkml_dist.models:mlp", ds.x.shape[1], int(ds.y.max()) + 1, {})
+    model.load_state_dict(state)
+    _, val = ds.split(W)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(ds.x[val])).argmax(1).numpy()
+    return float((pred == ds.y[val]).mean())
+
+
+@pytest.fixture(scope="module")
+def sync_run(data):
+    cfg = job("sync", 2, epochs=3)
+    state, reps, servers, _ = run_job(cfg, data)
+    return cfg, state, reps, servers
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+def test_sync_equals_the_single_process_reference(data, servers, sync_run):
+    if servers == 2:
+        cfg, state, _, reports = sync_run
+    else:
+        cfg = job("sync", 1, epochs=1)
+        state, _, reports, _ = run_job(cfg, data)
+    assert len(reports) == servers
+    ref = reference_weights(cfg, data)
+    for name, value in ref.items():
+        assert (state[name] - value).abs().max().item() <= 1e-5, name
+    assert all(r["report"]["staleness"] == {"0": r["report"]["pushes"]} for r in reports)
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_ssp_keeps_every_worker_within_s_steps_and_reaches_sync_accuracy(data, sync_run,
+                                                                         staleness):
+    # Worker 1 is a straggler: without the bound, worker 0 would run far ahead.
+    cfg = job("ssp", 2, epochs=3, **{"strategy.staleness": staleness,
+                                     "strategy.straggler_sleep_s": {1: 0.01}})
+    state, reps, servers, _ = run_job(cfg, data)
+    for s in servers:
+        pulls = [e for e in s["events"] if e["op"] == "pull"]
+        assert len(pulls) == W * plan_total(cfg, data)
+        assert ssp_violations(s["events"], W, staleness) == []
+        # the bound is reached (worker 0 really does run ahead) but never exceeded
+        lead = _max_lead(s["events"])
+        assert lead == staleness, lead
+    acc, sync_acc = accuracy(state, data), accuracy(sync_run[1], data)
+    assert acc >= sync_acc - 0.015, (acc, sync_acc)
+
+
+def _max_lead(events) -> int:
+    clocks = [0] * W
+    lead = 0
+    for e in events:
+        if e["op"] == "push":
+            clocks[e["worker"]] = e["step"] + 1
+        else:
+            lead = max(lead, e["step"] - min(clocks))
+    return lead
+
+
+def test_async_never_waits_and_reaches_sync_accuracy(data, sync_run):
+    cfg = job("async", 2, epochs=3, **{"strategy.straggler_sleep_s": {1: 0.01}})
+    state, reps, servers, _ = run_job(cfg, data)
+    acc, sync_acc = accuracy(state, data), accuracy(sync_run[1], data)
+    assert acc >= sync_acc - 0.015, (acc, sync_acc)
+    hist = StalenessHistogram()
+    for s in servers:
+        hist.merge({int(k): v for k, v in s["report"]["staleness"].items()})
+    assert hist.max() > 0  # pushes did land on parameters other workers had moved
+    # the fast worker finished well before the straggler: nobody waited for it
+    assert reps[0]["seconds"] < 0.7 * reps[1]["seconds"], (reps[0]["seconds"],
+                                                           reps[1]["seconds"])
+
+
+def test_killed_primary_fails_over_to_its_replica_without_restarting(data, sync_run):
+    cfg = job("sync", 2, epochs=3, **{"strategy.replicas": 1,
+                                      "strategy.straggler_sleep_s": {0: 0.03, 1: 0.03}})
+    killed = {}
+
+    def kill_primary(group, plan, task, reps):
+        time.sleep(1.0)  # servers are up and workers are stepping (about 4 s in all)
+        primary = next(p for p in group.describe() if p["shard"] == 0 and p["role"] == "primary")
+        os.kill(primary["pid"], signal.SIGKILL)
+        killed.update(primary)
+
+    state, reps, servers, _ = run_job(cfg, data, during=kill_primary)
+    assert state is not None, servers
+    total = plan_total(cfg, data)
+    for w in range(W):
+        assert reps[w]["start_step"] == 0 and reps[w]["steps"] == total  # never restarted
+        (f,) = reps[w]["failovers"]
+        assert f["shard"] == 0 and "primary" in f["from"] and "replica" in f["to"]
+        assert 0 < f["context"] < total - 1, f  # it happened mid-run
+    assert servers[0]["report"]["role"] == "replica"
+    # the replica held every acknowledged push: the result is the undisturbed one
+    for name, value in sync_run[1].items():
+        assert (state[name] - value).abs().max().item() <= 1e-5, name
+    assert abs(accuracy(state, data) - accuracy(sync_run[1], data)) <= 0.015
+
+
+def plan_total(cfg, ds) -> int:
+    return plan_job(cfg, ds.x.shape[1], 10, ds.shard_sizes(W)).total_steps
+
+
+def test_a_retried_worker_resumes_at_its_server_clock(data):
+    """Worker 0's first task stops after 7 steps (as if its executor died); the retry asks the
+    servers where it was and continues; the result still equals the reference."""
+    cfg = job("sync", 2, epochs=1)
+
+    def retry_worker0(group, plan, task, reps):
+        import dataclasses
+
+        first = dataclasses.replace(task, total_steps=7)
+        reps["first"] = train_worker(first, 0, rank_stores(data, 0, W)[0])
+        reps[0] = train_worker(task, 0, rank_stores(data, 0, W)[0])
+
+    state, reps, _, _ = run_job(cfg, data, during=retry_worker0, workers=[1])
+    assert reps["first"]["steps"] == 7 and reps[0]["start_step"] == 7
+    for name, value in reference_weights(cfg, data).items():
+        assert (state[name] - value).abs().max().item() <= 1e-5, name
+
+
+def test_a_lost_server_without_replica_is_an_error_naming_it(data):
+    cfg = job("sync", 1, epochs=3, **{"strategy.straggler_sleep_s": {0: 0.03, 1: 0.03}})
+
+    def kill(group, plan, task, reps):
+        time.sleep(1.0)
+        os.kill(group.describe()[0]["pid"], signal.SIGKILL)
+
+    state, _, errors, procs = run_job(cfg, data, during=kill)
+    assert state is None and set(errors) == {0, 1}
+    msg = str(errors[0])
+    assert isinstance(errors[0], ServerLost)
+    assert f"shard 0 primary at {procs[0]['address']}" in msg and "strategy.replicas=1" in msg
