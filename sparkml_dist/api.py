@@ -102,17 +102,15 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     check_shipping(spark, tc.num_workers, cfg.backend, cfg.tracking)
     t_prepare = time.perf_counter()
     prepared = prepare(spark, df, cfg.data, data_layout(cfg), tc.seed)
-    scaling = None
+    preprocessing = None
     try:
         check_prepared(cfg, prepared.train_shard_sizes, prepared.classes)
-        if cfg.data.scale != "none":
-            prepared, scaling = _scale(prepared, cfg)
+        if cfg.data.scale != "none" or cfg.data.on_invalid == "fill":
+            prepared, preprocessing = _preprocess(prepared, cfg)
         prepare_s = time.perf_counter() - t_prepare
         run = JobRun(cfg, resume_run_id, force_resume=force_resume)
-        if scaling is not None:
-            from sparkml_dist.preprocessing import ARTIFACT
-
-            run.client.log_text(run.run_id, scaling.to_json(), ARTIFACT)
+        for path, text in (preprocessing.artifacts() if preprocessing else {}).items():
+            run.client.log_text(run.run_id, text, path)
         run.start_heartbeat()
     except BaseException:
         prepared.release()
@@ -146,7 +144,7 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         t_finish = time.perf_counter()
         model_uri = None
         if cfg.tracking.log_model:
-            model_uri = _log_final_model(cfg, prepared, run, scaling)
+            model_uri = _log_final_model(cfg, prepared, run, preprocessing)
         run.log_training_curves()
         _log_phase_times(run, prepared, prepare_s, time.perf_counter() - t_finish)
     except BaseException as exc:
@@ -259,15 +257,24 @@ def best_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
     return load_part(store, BEST_NAME, meta, SHARED_PART)["model"]
 
 
-def _scale(prepared: Any, cfg: JobConfig) -> tuple[Any, Any]:
-    """``data.scale``: fit on the training split, apply to the prepared rows (Spark)."""
-    from sparkml_dist.spark.feature_scaling import fit_scaling, scale_prepared
+def _preprocess(prepared: Any, cfg: JobConfig) -> tuple[Any, Any]:
+    """``data.on_invalid=fill``, then ``data.scale``: each fitted on the training split and
+    applied to the prepared rows (Spark)."""
+    from sparkml_dist.preprocessing import Preprocessing
+    from sparkml_dist.spark.feature_scaling import fill_prepared, fit_fill, fit_scaling, \
+        scale_prepared
 
-    scaling = fit_scaling(prepared, cfg.data.scale)
-    return scale_prepared(prepared, scaling), scaling
+    fill = scaling = None
+    if cfg.data.on_invalid == "fill":
+        fill = fit_fill(prepared, cfg.data.fill)
+        prepared = fill_prepared(prepared, fill)
+    if cfg.data.scale != "none":
+        scaling = fit_scaling(prepared, cfg.data.scale)
+        prepared = scale_prepared(prepared, scaling)
+    return prepared, Preprocessing(fill=fill, scaling=scaling)
 
 
-def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, scaling: Any = None) -> str:
+def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, preprocessing: Any = None) -> str:
     from sparkml_dist.models import build_model
 
     model = build_model(cfg.model.factory, prepared.in_features, prepared.num_outputs,
@@ -277,13 +284,14 @@ def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, scaling: Any = Non
         model.load_state_dict(best_state(run.run_id, run.tracking_uri))
     else:
         model.load_state_dict(final_state(run.run_id, run.tracking_uri))
-    if scaling is not None:  # the logged model scores raw rows
-        from sparkml_dist.preprocessing import ScaledModel
-
-        model = ScaledModel(model, scaling)
     # Rows collected by preparation's first pass: nothing here reads the data again.
     example = np.asarray(prepared.example_features, dtype=np.float32)
-    return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name)
+    metadata = None
+    if preprocessing is not None:  # the logged model scores raw rows
+        model, example = preprocessing.wrap(model), preprocessing.example(example)
+        metadata = preprocessing.model_metadata()
+    return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name,
+                         metadata)
 
 
 def _log_phase_times(run: Any, prepared: Any, prepare_s: float, finish_s: float) -> None:

@@ -55,8 +55,14 @@ class DataConfig:
     """Train/validation split: ``random`` or ``stratified`` by label (classification only)."""
     sharding: Partitioning = "stratified"
     """How training rows are dealt to ranks: ``random`` or ``stratified`` by label."""
-    on_invalid: Literal["error", "drop"] = "error"
-    """Rows with null/NaN features or labels: fail (default) or drop them, logging the count."""
+    on_invalid: Literal["error", "drop", "fill"] = "error"
+    """Rows with null/NaN features or labels: fail (default), drop them (logging the count), or
+    ``fill``: replace a missing feature value by ``data.fill`` of its training values (stored
+    with the run and in the logged model, which then scores rows with missing values); rows
+    with a missing label are dropped."""
+    fill: Literal["mean", "median", "zero"] = "mean"
+    """Under ``on_invalid=fill``: the mean or (approximate) median of the feature's non-missing
+    values in the training split, or 0."""
     scale: Literal["none", "standard", "minmax"] = "none"
     """Feature scaling fitted by Spark on the training split only and stored with the run and in
     the logged model (which then scores raw rows): ``standard`` (z-score), ``minmax`` (to
@@ -503,9 +509,12 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         _check_early_stopping(self)
-        _check(self.data.scale == "none" or self.strategy.kind != "federated",
-               f"data.scale={self.data.scale} is not supported with strategy.kind=federated yet; "
-               "scale the features before fit, or use another strategy.")
+        if self.strategy.kind in ("federated", "parameter_server"):
+            _check(self.data.scale == "none" and self.data.on_invalid != "fill",
+                   f"data.scale={self.data.scale} / data.on_invalid={self.data.on_invalid}: "
+                   f"feature scaling and the missing-value fill are not supported with "
+                   f"strategy.kind={self.strategy.kind} yet; preprocess the features before fit, "
+                   "or use another strategy.")
         st = self.strategy
         if isinstance(st, DataParallelConfig) and st.backward_passes_per_step > 1:
             _check(self.backend.name == "horovod",

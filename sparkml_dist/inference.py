@@ -10,7 +10,8 @@ pandas) loads the model once per Python worker (:func:`load_torch_model`'s cache
 
 Classification returns ``struct<prediction: <label type>, probability: array<float>>`` with the
 label decoded back to the training values; regression returns ``struct<prediction: double>``. A row
-with a null feature gets a null result.
+with a null feature gets a null result, unless the model fills missing values itself (trained with
+``data.on_invalid=fill``): then the null goes to it as NaN and the row is scored.
 
 Trust: loading a model saved with pickle runs code from its artifacts on every executor, so a
 model URI must come from a store and a writer you trust. ``allow_pickle=False`` refuses pickle
@@ -106,6 +107,9 @@ class ModelSpec:
     batch_size: int = 1024
     allow_pickle: bool = True
     """False: executors load the model with MLflow's pickle deserialization turned off."""
+    fills_missing: bool = False
+    """The model fills missing values itself (``data.on_invalid=fill``): a null feature goes to
+    it as NaN, instead of giving a null result."""
 
     def return_type(self) -> Any:
         """The Spark struct type the UDF returns."""
@@ -164,7 +168,8 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None, task: Task
     return ModelSpec(uri=model_uri, location=root, tracking_uri=tracking,
                      in_features=in_features, num_outputs=num_outputs or (len(classes) or 1),
                      task=resolved, classes=classes if resolved == "classification" else (),
-                     batch_size=batch_size, allow_pickle=allow_pickle)
+                     batch_size=batch_size, allow_pickle=allow_pickle,
+                     fills_missing=(model.metadata or {}).get("fills_missing") == "true")
 
 
 PT2_FILE = "model.pt2"
@@ -319,10 +324,11 @@ def _load(location: str, tracking_uri: str) -> Any:
     return model
 
 
-def feature_matrix(columns: Sequence[pa.Array], in_features: int,
-                   uri: str = "the model") -> tuple[np.ndarray, np.ndarray | None]:
+def feature_matrix(columns: Sequence[pa.Array], in_features: int, uri: str = "the model",
+                   missing_as_nan: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Features of the rows without nulls as float32 ``(rows, in_features)``, and the mask of
-    those rows (None when every row is complete).
+    those rows (None when every row is complete). ``missing_as_nan``: null feature values become
+    NaN and their rows are kept (for a model that fills them); a null array is still a null row.
 
     ``columns`` is one array column of width ``in_features``, or ``in_features`` numeric columns.
     """
@@ -339,7 +345,7 @@ def feature_matrix(columns: Sequence[pa.Array], in_features: int,
         values = pc.list_flatten(arr)
         if not _is_numeric(values.type):
             raise DataError(f"feature arrays hold {values.type}; expected numbers.")
-        if values.null_count:
+        if values.null_count and not missing_as_nan:
             raise DataError(f"{values.null_count} feature values are null inside arrays; fill or "
                             "filter them before scoring.")
         x = _as_float32(values).reshape(-1, in_features)
@@ -353,8 +359,8 @@ def feature_matrix(columns: Sequence[pa.Array], in_features: int,
             raise DataError(f"got {len(columns)} numeric feature columns, but {uri} expects "
                             f"{in_features} (the input width of its signature).")
         valid = np.logical_and.reduce([c.is_valid().to_numpy(zero_copy_only=False)
-                                       for c in columns])
-        x = np.column_stack([_as_float32(c) for c in columns])
+                                       for c in columns]) | missing_as_nan
+        x = np.column_stack([_as_float32(c) for c in columns])  # a null becomes NaN
     mask = valid if isinstance(valid, np.ndarray) else valid.to_numpy(zero_copy_only=False)
     if mask.all():
         return x, None
@@ -444,7 +450,7 @@ def score_batches(spec: ModelSpec, batches: Iterator[Any]) -> Iterator[pa.Array]
     classes = _classes_array(spec.classes) if spec.classes else None
     for batch in batches:
         cols = batch if isinstance(batch, tuple) else (batch,)
-        x, mask = feature_matrix(cols, spec.in_features, repr(spec.uri))
+        x, mask = feature_matrix(cols, spec.in_features, repr(spec.uri), spec.fills_missing)
         if model is None:  # after the first batch passed its checks: bad data fails fast
             device = task_device()
             model = model_on(load_torch_model(spec.location, spec.tracking_uri,

@@ -1,4 +1,6 @@
-"""Feature scaling that travels with the model: ``x' = (x - shift) * scale`` per feature.
+"""Feature preprocessing that travels with the model: missing-value fill (``data.on_invalid=fill``,
+:class:`MissingFill`) and feature scaling, ``x' = (x - shift) * scale`` per feature
+(``data.scale``, :class:`FeatureScaling`); :class:`Preprocessing` holds what a job fitted.
 
 ``standard`` (z-score: shift = mean, scale = 1 / standard deviation) and ``minmax`` (shift = min,
 scale = 1 / (max - min)), with statistics from the training split only (computed by Spark in
@@ -92,3 +94,108 @@ class ScaledModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.shift) * self.scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing values: ``data.on_invalid=fill``
+
+FillKind = Literal["mean", "median", "zero"]
+
+FILL_ARTIFACT = "preprocessing/missing_fill.json"
+"""Where the fitted fill values are stored in the run's artifacts."""
+
+
+@dataclass(frozen=True)
+class MissingFill:
+    """Per-feature values that replace a missing (null or NaN) raw feature value (float32),
+    fitted on the training split. Applied before any scaling: ``x' = fill if isnan(x) else x``,
+    a selection (no arithmetic), so Spark and torch give bitwise the same rows."""
+
+    kind: FillKind
+    values: tuple[float, ...]
+    missing: tuple[int, ...]
+    """Training rows with the feature missing, per feature."""
+    train_rows: int
+
+    @staticmethod
+    def from_stats(kind: FillKind, mean: np.ndarray, median: np.ndarray, missing: np.ndarray,
+                   train_rows: int) -> MissingFill:
+        """Fill values from per-feature statistics of the non-missing training values (NaN
+        where a feature has none: it is filled with 0)."""
+        chosen = {"mean": mean, "median": median,
+                  "zero": np.zeros_like(np.asarray(mean, dtype=np.float64))}[kind]
+        chosen = np.where(np.isfinite(chosen), chosen, 0.0)
+        return MissingFill(kind=kind, values=_f32(chosen),
+                           missing=tuple(int(m) for m in missing), train_rows=int(train_rows))
+
+    @property
+    def width(self) -> int:
+        return len(self.values)
+
+    def array(self) -> np.ndarray:
+        return np.asarray(self.values, dtype=np.float32)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """The fill on a float32 ``(rows, width)`` array (the reference for Spark's)."""
+        x = np.asarray(x, dtype=np.float32)
+        return np.where(np.isnan(x), self.array(), x)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "values": list(self.values),
+                           "missing": list(self.missing), "train_rows": self.train_rows,
+                           "formula": "fill if x is null or NaN else x"})
+
+    @staticmethod
+    def from_json(text: str) -> MissingFill:
+        v = json.loads(text)
+        return MissingFill(kind=v["kind"], values=tuple(v["values"]),
+                           missing=tuple(int(m) for m in v["missing"]),
+                           train_rows=int(v["train_rows"]))
+
+
+class FilledModel(nn.Module):
+    """``net`` (e.g. a :class:`ScaledModel`) behind the fitted fill: scores raw rows with
+    missing values (NaN) as training saw them."""
+
+    def __init__(self, net: nn.Module, fill: MissingFill) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("fill", torch.from_numpy(fill.array().copy()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.where(torch.isnan(x), self.fill, x))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a job fitted on its training split, applied in this order: the missing-value fill,
+    then the scaling. The logged model carries both (:meth:`wrap`), so it scores raw rows."""
+
+    fill: MissingFill | None = None
+    scaling: FeatureScaling | None = None
+
+    def artifacts(self) -> dict[str, str]:
+        """Run artifact path -> JSON of each fitted part."""
+        out = {}
+        if self.fill is not None:
+            out[FILL_ARTIFACT] = self.fill.to_json()
+        if self.scaling is not None:
+            out[ARTIFACT] = self.scaling.to_json()
+        return out
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """``net`` behind the scaling, behind the fill: takes raw rows."""
+        if self.scaling is not None:
+            net = ScaledModel(net, self.scaling)
+        if self.fill is not None:
+            net = FilledModel(net, self.fill)
+        return net
+
+    def model_metadata(self) -> dict[str, str]:
+        """Metadata for the logged model: ``fills_missing`` tells scorers to send rows with
+        missing values to the model (as NaN) instead of returning null for them."""
+        return {"fills_missing": "true"} if self.fill is not None else {}
+
+    def example(self, x: np.ndarray) -> np.ndarray:
+        """Raw example rows with their missing values filled (for the model's input example)."""
+        return self.fill.apply(x) if self.fill is not None else np.asarray(x, dtype=np.float32)

@@ -65,6 +65,20 @@ def job(uri: str, cols: list[str]) -> JobConfig:
         "tracking.progress": False, "fault.max_restarts": 0})
 
 
+def batch_job(spark, df, model_uri: str, tracking_uri: str, cols: list[str],
+              tmp_path) -> tuple[np.ndarray, np.ndarray]:
+    """The batch scoring job (``jobs/predict.py``'s ``run_prediction``) on ``df`` written as
+    Parquet: the raw features it read (NaN for null) and its predictions, row for row."""
+    src, out = str(tmp_path / "raw.parquet"), str(tmp_path / "scored")
+    df.write.parquet(src)
+    run_prediction(PredictConfig(model_uri=model_uri, tracking_uri=tracking_uri, source=src,
+                                 feature_cols=tuple(cols), output=out, keep_cols=tuple(cols)),
+                   spark)
+    batch = spark.read.parquet(out).collect()
+    x = np.array([[np.nan if r[c] is None else r[c] for c in cols] for r in batch], np.float32)
+    return x, np.array([r["prediction"] for r in batch])
+
+
 def test_standardized_job_matches_sklearn_and_every_scorer_agrees(spark, raw_df, tracking_uri,
                                                                   tmp_path):
     from sklearn.linear_model import LogisticRegression
@@ -116,14 +130,107 @@ def test_standardized_job_matches_sklearn_and_every_scorer_agrees(spark, raw_df,
     udf = predict_udf(result.model_uri, tracking_uri=tracking_uri)
     by_udf = np.array([r["p"]["prediction"] for r in
                        df.select(udf(*cols).alias("p")).collect()])
-    src, out = str(tmp_path / "raw.parquet"), str(tmp_path / "scored")
-    df.write.parquet(src)
-    run_prediction(PredictConfig(model_uri=result.model_uri, tracking_uri=tracking_uri,
-                                 source=src, feature_cols=tuple(cols), output=out,
-                                 keep_cols=tuple(cols)), spark)
-    batch = spark.read.parquet(out).collect()
-    x_src = np.array([[r[c] for c in cols] for r in batch], dtype=np.float32)
-    want = np.asarray(model.predict(x_src)).argmax(1)
-    assert np.array_equal(np.array([r["prediction"] for r in batch]), want)
+    x_src, by_batch = batch_job(spark, df, result.model_uri, tracking_uri, cols, tmp_path)
+    assert np.array_equal(by_batch, np.asarray(model.predict(x_src)).argmax(1))
     direct = np.array([[r[c] for c in cols] for r in df.collect()], dtype=np.float32)
     assert np.array_equal(by_udf, np.asarray(model.predict(direct)).argmax(1))
+
+
+def test_fill_from_stats_and_apply_match_numpy():
+    from sparkml_dist.preprocessing import MissingFill
+
+    x = np.array([[1.0, np.nan, 4.0], [3.0, 2.0, np.nan], [np.nan, 6.0, np.nan]], np.float32)
+    x64 = x.astype(np.float64)
+    mean, median = np.nanmean(x64, 0), np.nanmedian(x64, 0)
+    for kind, want in (("mean", mean), ("median", median), ("zero", np.zeros(3))):
+        fill = MissingFill.from_stats(kind, mean, median, np.isnan(x).sum(0), 3)
+        out = fill.apply(x)
+        assert out.dtype == np.float32 and not np.isnan(out).any()
+        assert np.array_equal(out[~np.isnan(x)], x[~np.isnan(x)])  # present values untouched
+        np.testing.assert_allclose(fill.values, want, rtol=1e-6)
+        assert fill.missing == (1, 1, 2) and MissingFill.from_json(fill.to_json()) == fill
+    # A feature with no value at all is filled with 0.
+    empty = MissingFill.from_stats("mean", np.array([np.nan]), np.array([np.nan]), [3], 3)
+    assert empty.values == (0.0,)
+
+
+MISSING_SHARE = 0.15
+
+
+def test_filled_and_standardized_job_every_scorer_agrees_on_rows_with_nulls(
+        spark, tracking_uri, tmp_path):
+    """``data.on_invalid=fill`` with ``data.scale=standard`` on raw rows where 15% of the values
+    are null: the fill is the training split's mean, the ranks train on exactly
+    ``scale(fill(raw))``, and the logged model (pyfunc), the UDF and the batch job score the raw
+    rows with their nulls identically (no null results)."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from sparkml_dist.preprocessing import FILL_ARTIFACT, MissingFill
+    from sparkml_dist.spark.feature_scaling import fill_prepared, fit_fill, fit_scaling, \
+        scale_prepared
+    from sparkml_dist.spark.prepare import prepare
+    from sparkml_dist.strategies import data_layout
+
+    x, y = make_rows(seed=1)
+    rng = np.random.default_rng(5)
+    holes = rng.random(x.shape) < MISSING_SHARE
+    holes[:, 5] = False
+    cols = [f"f{i}" for i in range(WIDTH)]
+    rows = [tuple(None if h else float(v) for v, h in zip(r, hr)) + (int(t),)
+            for r, hr, t in zip(x, holes, y)]
+    rows.append((1.0,) * WIDTH + (None,))  # a missing label: dropped, not filled
+    df = spark.createDataFrame(rows, ", ".join(f"{c} double" for c in cols) + ", label long")
+    cfg = job(tracking_uri, cols).replace(**{"data.on_invalid": "fill", "data.fill": "mean"})
+    result = fit(df, cfg)
+
+    prepared = prepare(spark, df, cfg.data, data_layout(cfg), cfg.training.seed)
+    try:
+        got = prepared.frame.select(FEATURES, LABEL, SPLIT).collect()
+        raw = np.array([[np.nan if v is None else v for v in r[FEATURES]] for r in got],
+                       dtype=np.float32)
+        labels = np.array([r[LABEL] for r in got])
+        train = np.array([r[SPLIT] == 0 for r in got])
+        fill = fit_fill(prepared, "mean")
+        filled = fill_prepared(prepared, fill)
+        scaling = fit_scaling(filled, "standard")
+        ranks_rows = scale_prepared(filled, scaling).frame.select(FEATURES).collect()
+    finally:
+        prepared.release()
+    assert len(raw) == len(x) and np.isnan(raw).any()  # the label-less row is dropped
+    np.testing.assert_allclose(fill.values, np.nanmean(raw[train].astype(np.float64), 0),
+                               rtol=1e-5)  # the training split only
+    assert fill.missing == tuple(int(m) for m in np.isnan(raw[train]).sum(0))
+    assert np.array_equal(np.array([r[FEATURES] for r in ranks_rows], dtype=np.float32),
+                          scaling.apply(fill.apply(raw)))
+
+    client = MlflowClient(tracking_uri)
+    stored = MissingFill.from_json(
+        open(client.download_artifacts(result.run_id, FILL_ARTIFACT, str(tmp_path))).read())
+    assert stored == fill
+    assert FeatureScaling.from_json(open(client.download_artifacts(
+        result.run_id, ARTIFACT, str(tmp_path))).read()) == scaling
+
+    ref = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression())
+    ref_acc = ref.fit(raw[train], labels[train]).score(raw[~train], labels[~train])
+    acc = result.metrics["val/accuracy"]
+    assert acc >= ref_acc - 0.03, (acc, ref_acc)
+
+    # Raw rows with nulls in: the logged model, the UDF and the batch job agree exactly.
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    src = df.where("label IS NOT NULL")
+    direct = np.array([[np.nan if r[c] is None else r[c] for c in cols] for r in src.collect()],
+                      dtype=np.float32)
+    want = np.asarray(model.predict(direct)).argmax(1)
+    assert (np.asarray(model.predict(raw[~train])).argmax(1) == labels[~train]).mean() \
+        == pytest.approx(acc, abs=1e-9)
+    udf = predict_udf(result.model_uri, tracking_uri=tracking_uri)
+    assert udf.spec.fills_missing
+    by_udf = [r["p"]["prediction"] for r in src.select(udf(*cols).alias("p")).collect()]
+    assert None not in by_udf and np.array_equal(np.array(by_udf), want)
+    x_src, by_batch = batch_job(spark, src, result.model_uri, tracking_uri, cols, tmp_path)
+    assert np.isnan(x_src).any()
+    assert np.array_equal(by_batch, np.asarray(model.predict(x_src)).argmax(1))

@@ -1,5 +1,7 @@
-"""``data.scale``: fit the feature scaling on the training split with Spark and apply it to the
-prepared rows before launch (see :mod:`sparkml_dist.preprocessing` for the transform).
+"""``data.scale`` and ``data.on_invalid=fill``: fit the feature scaling and the missing-value
+fill on the training split with Spark and apply them to the prepared rows before launch (see
+:mod:`sparkml_dist.preprocessing` for the transforms). The fill comes first, then the scaling is
+fitted on the filled rows.
 
 Runs after :func:`~sparkml_dist.spark.prepare.split_and_shard`, on its persisted frame, so the
 row numbering, split and shards are exactly those of an unscaled job; only ``__features``
@@ -12,11 +14,12 @@ import dataclasses
 import logging
 
 import numpy as np
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from sparkml_dist.data.shard_store import FEATURES, SPLIT
 from sparkml_dist.errors import DataError
-from sparkml_dist.preprocessing import FeatureScaling, ScaleKind
+from sparkml_dist.preprocessing import FeatureScaling, FillKind, MissingFill, ScaleKind
 from sparkml_dist.spark.prepare import PreparedData, _persist
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,53 @@ def fit_scaling(prepared: PreparedData, kind: ScaleKind) -> FeatureScaling:
     return scaling
 
 
+def _train_values(prepared: PreparedData) -> DataFrame:
+    """``(i, v)``: every training row's feature ``i`` with value ``v``."""
+    return (prepared.frame.filter(F.col(SPLIT) == 0)
+            .select(F.posexplode(FEATURES).alias("i", "v")))
+
+
+def fit_fill(prepared: PreparedData, kind: FillKind) -> MissingFill:
+    """Per-feature mean and median (``percentile_approx``) of the non-missing TRAINING values
+    and the count of missing ones, in one aggregation."""
+    gone = F.col("v").isNull() | F.isnan("v")  # a null stays null in the prepared rows
+    present = F.when(~gone, F.col("v"))
+    rows = (_train_values(prepared).groupBy("i")
+            .agg(F.count(F.lit(1)).alias("n"), F.mean(present).alias("mean"),
+                 F.percentile_approx(present, 0.5).alias("median"),
+                 F.sum(gone.cast("long")).alias("missing"))
+            .collect())
+    width = prepared.in_features
+    stats = np.full((3, width), np.nan)
+    for r in rows:
+        stats[:, r["i"]] = [np.nan if r["mean"] is None else r["mean"],
+                            np.nan if r["median"] is None else r["median"], r["missing"]]
+    empty = [i for i in range(width) if not np.isfinite(stats[0, i])]
+    if empty:
+        log.warning("features %s have no value in the training split; they are filled with 0",
+                    empty)
+    fill = MissingFill.from_stats(kind, stats[0], stats[1], np.nan_to_num(stats[2]),
+                                  train_rows=int(rows[0]["n"]) if rows else 0)
+    log.info("data.on_invalid=fill (%s): %d missing training values over %d features", kind,
+             sum(fill.missing), width)
+    return fill
+
+
+def fill_prepared(prepared: PreparedData, fill: MissingFill) -> PreparedData:
+    """``prepared`` with NaN features replaced by the fill values (float32, a selection: the
+    same values as :class:`~sparkml_dist.preprocessing.FilledModel`), persisted."""
+    values = F.array(*[F.lit(float(v)).cast("float") for v in fill.array()])
+    frame = prepared.frame.withColumn(FEATURES, F.transform(
+        FEATURES, lambda x, i: F.when(F.isnan(x) | x.isNull(), F.element_at(values, i + 1)).otherwise(x)))
+    return _replaced(prepared, frame)
+
+
+def _replaced(prepared: PreparedData, frame: DataFrame) -> PreparedData:
+    frame = _persist(frame)
+    return dataclasses.replace(prepared, frame=frame,
+                               persisted=tuple(prepared.persisted) + (frame,))
+
+
 def scale_prepared(prepared: PreparedData, scaling: FeatureScaling) -> PreparedData:
     """``prepared`` with ``__features`` replaced by ``(x - shift) * scale`` in float32 (the same
     two float operations as :class:`~sparkml_dist.preprocessing.ScaledModel`), persisted; the
@@ -54,6 +104,4 @@ def scale_prepared(prepared: PreparedData, scaling: FeatureScaling) -> PreparedD
     frame = prepared.frame.withColumn(FEATURES, F.transform(
         FEATURES, lambda x, i: (x - F.element_at(shift_col, i + 1))
         * F.element_at(scale_col, i + 1)))
-    frame = _persist(frame)
-    return dataclasses.replace(prepared, frame=frame,
-                               persisted=tuple(prepared.persisted) + (frame,))
+    return _replaced(prepared, frame)

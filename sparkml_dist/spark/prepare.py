@@ -190,13 +190,21 @@ def _invalid_flags(df: DataFrame, cfg: DataConfig, label_numeric: bool) -> dict[
     return flags
 
 
-def _first_pass(base: DataFrame, cfg: DataConfig, flags: dict[str, Column]) -> list[Any]:
-    """The one aggregate over the source: per label value (classification) or overall, the row
-    count, invalid counts per column and the feature widths of valid rows."""
+def _blocking(cfg: DataConfig, flags: dict[str, Column]) -> Column:
+    """Is this row invalid: a null/NaN anywhere, or under ``on_invalid=fill`` (feature values
+    are filled later) a missing label or a null features array (its width is unknown)."""
+    if cfg.on_invalid == "fill":
+        return flags[cfg.label_col] | F.col(FEATURES).isNull()
     any_bad = F.lit(False)
     for f in flags.values():
         any_bad = any_bad | f
-    valid = ~any_bad
+    return any_bad
+
+
+def _first_pass(base: DataFrame, cfg: DataConfig, flags: dict[str, Column]) -> list[Any]:
+    """The one aggregate over the source: per label value (classification) or overall, the row
+    count, invalid counts per column and the feature widths of valid rows."""
+    valid = ~_blocking(cfg, flags)
     size = F.size(FEATURES)
     aggs = [F.count(F.lit(1)).alias("n"),
             F.sum(valid.cast("long")).alias("valid"),
@@ -244,21 +252,22 @@ def assemble(spark: SparkSession, df: DataFrame, cfg: DataConfig, *,
         raise DataError("the dataset is empty (0 rows); check data.source and any filters.")
     valid_n = sum(int(g["valid"] or 0) for g in groups)
     bad = n - valid_n
+    per_col = {name: sum(int(g[f"bad_{i}"] or 0) for g in groups) for i, name in enumerate(flags)}
+    detail = ", ".join(f"{k}: {v}" for k, v in per_col.items() if v)
+    if cfg.on_invalid == "fill" and detail:
+        log.info("missing values (%s) are filled with the training split's %s (data.fill); rows "
+                 "with a missing label or features array are dropped", detail, cfg.fill)
     if bad:
-        per_col = {name: sum(int(g[f"bad_{i}"] or 0) for g in groups)
-                   for i, name in enumerate(flags)}
-        detail = ", ".join(f"{k}: {v}" for k, v in per_col.items() if v)
         if cfg.on_invalid == "error":
-            raise DataError(f"{bad} of {n} rows have null or NaN values ({detail}). Clean the data "
-                            "or set data.on_invalid=drop to drop those rows.")
-        log.warning("dropped %d rows with null or NaN values (%s); %d rows remain",
-                    bad, detail, valid_n)
+            raise DataError(f"{bad} of {n} rows have null or NaN values ({detail}). Clean the data, "
+                            "set data.on_invalid=drop to drop those rows, or data.on_invalid=fill "
+                            "to fill missing feature values (data.fill).")
+        log.warning("dropped %d rows with null or NaN values (%s); %d rows remain", bad,
+                    f"{cfg.label_col} or a features array" if cfg.on_invalid == "fill" else detail,
+                    valid_n)
         if valid_n == 0:
             raise DataError("every row had a null or NaN value; nothing is left to train on.")
-        any_bad = F.lit(False)
-        for f in flags.values():
-            any_bad = any_bad | f
-        base = base.where(~any_bad)
+        base = base.where(~_blocking(cfg, flags))
     live = [g for g in groups if g["valid"]]
     wmin = min(int(g["wmin"]) for g in live)
     wmax = max(int(g["wmax"]) for g in live)

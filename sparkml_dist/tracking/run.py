@@ -156,8 +156,10 @@ class JobRun:
             self.client.log_artifact(self.run_id, str(path), "plots")
 
     def log_model(self, model: Any, example: Any, classes: tuple[Any, ...],
-                  registered_model_name: str | None) -> str:
-        """Log the final model with a signature and input example; return its model URI."""
+                  registered_model_name: str | None,
+                  metadata: dict[str, str] | None = None) -> str:
+        """Log the final model with a signature and input example (and ``metadata`` next to the
+        classes in its MLmodel); return its model URI."""
         import torch
         from mlflow.models import infer_signature
 
@@ -170,7 +172,8 @@ class JobRun:
         previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.tracking_uri)
         try:
-            info = self._log_model_in_run(model, signature, example, classes, registered_model_name)
+            info = self._log_model_in_run(model, signature, example, classes, registered_model_name,
+                                          metadata or {})
         finally:
             mlflow.set_tracking_uri(previous)
             if previous_env is None:
@@ -181,7 +184,8 @@ class JobRun:
         return info.model_uri
 
     def _log_model_in_run(self, model: Any, signature: Any, example: Any,
-                          classes: tuple[Any, ...], registered_model_name: str | None) -> Any:
+                          classes: tuple[Any, ...], registered_model_name: str | None,
+                          metadata: dict[str, str]) -> Any:
         import mlflow.pytorch
         import torch
 
@@ -191,7 +195,7 @@ class JobRun:
                 registered_model_name=registered_model_name,
                 # Named here rather than inferred: inference imports the model in a subprocess.
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-                metadata={"classes": json.dumps([_plain(c) for c in classes])})
+                metadata={"classes": json.dumps([_plain(c) for c in classes]), **metadata})
         return info
 
 
