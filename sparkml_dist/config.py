@@ -21,6 +21,7 @@ import yaml
 
 from sparkml_dist.errors import ConfigError
 from sparkml_dist.strategies.federated.config import FederatedConfig
+from sparkml_dist.strategies.model_parallel.config import ModelParallelConfig
 
 Task = Literal["classification", "regression"]
 Partitioning = Literal["random", "stratified"]
@@ -395,12 +396,14 @@ class ParameterServerConfig:
                    f"{rank!r}: {sleep!r}.")
 
 
-StrategyConfig = DataParallelConfig | GossipConfig | FederatedConfig | ParameterServerConfig
+StrategyConfig = (DataParallelConfig | GossipConfig | FederatedConfig | ParameterServerConfig
+                  | ModelParallelConfig)
 """The ``strategy:`` section: one frozen dataclass per kind, told apart by its ``kind`` field."""
 
 STRATEGY_KINDS: dict[str, type] = {"data_parallel": DataParallelConfig, "gossip": GossipConfig,
                                    "federated": FederatedConfig,
-                                   "parameter_server": ParameterServerConfig}
+                                   "parameter_server": ParameterServerConfig,
+                                   "model_parallel": ModelParallelConfig}
 """``strategy.kind`` -> its config dataclass."""
 
 

@@ -7,6 +7,7 @@ in config as ``package.module:function``.
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -60,6 +61,29 @@ class SmallCNN(nn.Module):
 def small_cnn(in_features: int, num_outputs: int, channels: int = 16) -> nn.Module:
     """A small CNN for 8x8 images (e.g. scikit-learn's digits)."""
     return SmallCNN(in_features, num_outputs, channels)
+
+
+class ResidualBlock(nn.Module):
+    """``x + relu(linear(layer_norm(x)))``: one block of :func:`deep_mlp`."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.fc(self.norm(x)))
+
+
+def deep_mlp(in_features: int, num_outputs: int, width: int = 64, depth: int = 4) -> nn.Module:
+    """A residual MLP worth splitting into pipeline stages: an ``nn.Sequential`` of ``input``
+    (linear + ReLU), ``block0`` .. ``block{depth-1}`` (:class:`ResidualBlock`) and ``head``."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        input=nn.Sequential(nn.Linear(in_features, int(width)), nn.ReLU()))
+    for i in range(int(depth)):
+        layers[f"block{i}"] = ResidualBlock(int(width))
+    layers["head"] = nn.Linear(int(width), num_outputs)
+    return nn.Sequential(layers)
 
 
 def resolve_factory(path: str) -> Callable[..., nn.Module]:

@@ -15,7 +15,9 @@ import pyarrow as pa
 import torch
 
 from sparkml_dist.config import JobConfig
-from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT, ShardBuilder
+from sparkml_dist.data.layout import DataLayout
+from sparkml_dist.data.shard_store import (
+    FEATURES, LABEL, ROW, SHARD, SPLIT, ShardBuilder, ShardStore)
 from sparkml_dist.data.sharding import batch_indices, epoch_order, steps_per_epoch
 from sparkml_dist.models import build_model
 from sparkml_dist.training.optim import make_optimizer, make_scheduler
@@ -56,12 +58,20 @@ def _batch(ds: Dataset, rows: np.ndarray, shard: int, split: int) -> pa.RecordBa
         names=[FEATURES, LABEL, ROW, SHARD, SPLIT])
 
 
-def rank_stores(ds: Dataset, rank: int, world: int):
-    shards, val = ds.split(world)
-    b = ShardBuilder(ds.x.shape[1], 1 << 30, None, pa.int64())
-    b.expected_shard = rank
-    b.add(_batch(ds, shards[rank], rank, 0))
-    b.add(_batch(ds, val[rank::world], rank, 1))
+def rank_stores(ds: Dataset, rank: int, world: int, layout: DataLayout | None = None):
+    """Rank ``rank``'s (train, validation) stores under ``layout`` (default: one shard per rank);
+    empty stores for a rank that reads no shard."""
+    layout = layout or DataLayout.one_per_rank(world)
+    n = layout.num_shards
+    shards, val = ds.split(n)
+    mine = layout.shards_of_rank[rank]
+    if not mine:
+        return (ShardStore([], ds.x.shape[1], label_dtype=np.dtype(np.int64)),
+                ShardStore([], ds.x.shape[1], label_dtype=np.dtype(np.int64)))
+    b = ShardBuilder(ds.x.shape[1], 1 << 30, None, pa.int64(), expected_shards=mine)
+    for shard in mine:
+        b.add(_batch(ds, shards[shard], shard, 0))
+        b.add(_batch(ds, val[shard::n], shard, 1))
     return b.finish()
 
 
@@ -79,6 +89,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: JobConfig, ds: Dataset, ck
 
     from sparkml_dist.comm.base import Endpoint
     from sparkml_dist.comm.factory import create_communicator
+    from sparkml_dist.strategies import data_layout
     from sparkml_dist.training.local_store import DirectoryCheckpointStore
     from sparkml_dist.training.loop import RankPlan, train_rank
 
@@ -100,9 +111,11 @@ def _rank_main(rank: int, world: int, port: int, cfg: JobConfig, ds: Dataset, ck
         ep = Endpoint(rank=rank, world_size=world, host="127.0.0.1", port=port, attempt=attempt,
                       timeout_s=cfg.backend.timeout_s)
         comm = create_communicator(cfg.backend, ep, store, device)
-        train, val = rank_stores(ds, rank, world)
+        layout = data_layout(cfg)
+        train, val = rank_stores(ds, rank, world, layout)
         plan = RankPlan(in_features=ds.x.shape[1], num_outputs=int(ds.y.max()) + 1,
-                        train_shard_sizes=ds.shard_sizes(world), attempt=attempt)
+                        train_shard_sizes=ds.shard_sizes(layout.num_shards), layout=layout,
+                        attempt=attempt)
         sink = Sink()
         ckpt = DirectoryCheckpointStore(ckpt_dir, cfg.checkpoint.keep_last) \
             if cfg.checkpoint.enabled else None
@@ -159,10 +172,14 @@ def final_model(ckpt_dir: str) -> dict[str, torch.Tensor]:
     return load_part(store, name, store.read_meta(name), SHARED_PART)["model"]
 
 
-def reference_weights(cfg: JobConfig, ds: Dataset) -> dict[str, torch.Tensor]:
-    """One process: each step's global batch is every rank's batch concatenated, in order."""
-    tc, world = cfg.training, cfg.training.num_workers
-    shards, _ = ds.split(world)
+def reference_weights(cfg: JobConfig, ds: Dataset, readers: tuple[int, ...] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """One process: each step's global batch is every shard's batch concatenated, in order.
+    ``readers[i]`` is the rank that reads shard ``i`` (its data order is seeded by that rank);
+    default: shard ``r`` read by rank ``r``, one per rank."""
+    tc = cfg.training
+    readers = readers if readers is not None else tuple(range(tc.num_workers))
+    shards, _ = ds.split(len(readers))
     xs = [torch.from_numpy(ds.x[s]) for s in shards]
     ys = [torch.from_numpy(ds.y[s]) for s in shards]
     torch.manual_seed(tc.seed)
@@ -172,8 +189,8 @@ def reference_weights(cfg: JobConfig, ds: Dataset) -> dict[str, torch.Tensor]:
     sched = make_scheduler(cfg.optimizer, opt, steps, steps * tc.epochs)
     loss_fn = torch.nn.CrossEntropyLoss()
     for epoch in range(tc.epochs):
-        orders = [epoch_order(len(s), tc.seed, epoch, r, steps * tc.batch_size)
-                  for r, s in enumerate(shards)]
+        orders = [epoch_order(len(s), tc.seed, epoch, readers[i], steps * tc.batch_size)
+                  for i, s in enumerate(shards)]
         for s in range(steps):
             idx = [torch.as_tensor(batch_indices(o, s, tc.batch_size)) for o in orders]
             x = torch.cat([xs[r][i] for r, i in enumerate(idx)])

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 # Barrier-loop strategies: kind -> "module:Class" (imported lazily: they import torch).
 _BARRIER = {"data_parallel": "sparkml_dist.strategies.data_parallel.strategy:DataParallel",
-            "gossip": "sparkml_dist.strategies.gossip:Gossip"}
+            "gossip": "sparkml_dist.strategies.gossip:Gossip",
+            "model_parallel": "sparkml_dist.strategies.model_parallel.strategy:ModelParallel"}
 
 
 def strategy_class(kind: str) -> type[Strategy]:

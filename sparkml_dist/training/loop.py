@@ -119,7 +119,8 @@ def evaluate(model: nn.Module, data: ShardStore, comm: Communicator, task: str,
 
 
 class _DataOrder:
-    """Rows of each global step's batch: the epoch's permutation (computed once per epoch)."""
+    """Rows of each global step's batch: the epoch's permutation (computed once per epoch).
+    A rank that reads no shard (its strategy feeds it from its peers) gets empty batches."""
 
     def __init__(self, rows: int, seed: int, rank: int, steps: int, batch_size: int) -> None:
         self.rows, self.seed, self.rank = rows, seed, rank
@@ -128,6 +129,8 @@ class _DataOrder:
         self._order: np.ndarray | None = None
 
     def __call__(self, step: int) -> np.ndarray:
+        if self.rows == 0:
+            return np.zeros(0, dtype=np.int64)
         epoch, s = divmod(step, self.steps)
         if epoch != self._epoch:
             self._order = epoch_order(self.rows, self.seed, epoch, self.rank,
