@@ -20,7 +20,8 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from sparkml_dist.training.checkpoint import (
-    META_FILE, SHARED_PART, CheckpointMeta, dir_name, latest_loadable, store_part)
+    DEFAULT_UPLOAD_TIMEOUT_S, META_FILE, SHARED_PART, STALE_INCOMPLETE_S, CheckpointMeta, dir_name,
+    latest_loadable, prune_choice, store_part)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,23 @@ class MlflowSink:
 
 class MlflowCheckpointStore:
     """Checkpoints as run artifacts under ``checkpoints/ckpt-<steps>/`` (see
-    :mod:`sparkml_dist.training.checkpoint` for the layout and the commit protocol)."""
+    :mod:`sparkml_dist.training.checkpoint` for the layout and the commit protocol).
 
-    def __init__(self, tracking_uri: str, run_id: str, keep_last: int = 2) -> None:
+    Artifact stores keep no modification times, so an uncommitted directory's age is counted
+    from when this store first listed it: pruning deletes it once it has stayed uncommitted for
+    ``stale_s`` (before that it may be another writer's upload in progress).
+    ``upload_timeout_s``: how long the rank loop waits for a background upload to this store.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, keep_last: int = 2, *,
+                 stale_s: float = STALE_INCOMPLETE_S,
+                 upload_timeout_s: float = DEFAULT_UPLOAD_TIMEOUT_S) -> None:
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.keep_last = keep_last
+        self.stale_s = stale_s
+        self.upload_timeout_s = upload_timeout_s
+        self._first_seen: dict[str, float] = {}  # uncommitted dir -> time.monotonic() first listed
         # The tracking URI must be passed on: an ``mlflow-artifacts:`` URI (a tracking server that
         # serves artifacts) resolves against it, not against the process-global default.
         self._repo = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri,
@@ -111,6 +123,10 @@ class MlflowCheckpointStore:
                             name, META_FILE)
         return out
 
+    def part_sizes(self, name: str) -> dict[str, int]:
+        files = self.client.list_artifacts(self.run_id, f"{CHECKPOINT_DIR}/{name}")
+        return {Path(f.path).name: int(f.file_size or 0) for f in files if not f.is_dir}
+
     def _get(self, name: str, filename: str) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             local = self._repo.download_artifacts(f"{CHECKPOINT_DIR}/{name}/{filename}", tmp)
@@ -123,18 +139,23 @@ class MlflowCheckpointStore:
         return self._get(name, filename)
 
     def _prune(self, newest: str) -> None:
-        kept = 0
-        for name in self._dirs():
-            if name > newest:
-                continue
-            complete = self._has_meta(name)
-            if complete and kept < self.keep_last:
-                kept += 1
-                continue
-            if not complete and name == newest:
-                continue
+        dirs = [n for n in self._dirs() if n <= newest]
+        committed = {n for n in dirs if self._has_meta(n)}
+        now = time.monotonic()
+        for name in dirs:
+            if name not in committed:
+                self._first_seen.setdefault(name, now)
+
+        def age_s(name: str) -> float:
+            return now - self._first_seen[name]
+
+        for name in prune_choice(dirs, committed, newest, self.keep_last, age_s, self.stale_s):
+            if name not in committed:
+                log.warning("deleting checkpoint %s: it has had no %s for %.0f s (a write cut "
+                            "short)", name, META_FILE, age_s(name))
             try:
                 self._repo.delete_artifacts(f"{CHECKPOINT_DIR}/{name}")
+                self._first_seen.pop(name, None)
             except Exception as exc:  # noqa: BLE001 - pruning is best effort
                 log.warning("could not delete old checkpoint %s: %s", name, exc)
 

@@ -14,6 +14,11 @@ fails with the difference, since the saved state would not mean the same thing.
 
 Parts are read with ``torch.load(weights_only=True)``: a part that carries pickled code is
 refused.
+
+Several writers may share one store (a resumed run's new driver while the old one's last upload
+still lands): pruning (:func:`prune_choice`) deletes only checkpoints it listed as committed, and
+a directory without ``meta.json`` (maybe another writer's upload in progress) only once it is older
+than :data:`STALE_INCOMPLETE_S`; nothing newer than the checkpoint just committed is touched.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import io
 import json
 import logging
 import pickle
+import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +45,15 @@ BEST_NAME = "best"
 """Directory of the best epoch's model (``training.early_stopping.keep_best``): a checkpoint in
 the same format holding ``{"model": state_dict}`` in its shared part. Its name has no ``ckpt-``
 prefix, so pruning and resume never see it."""
+
+
+STALE_INCOMPLETE_S = 3600.0
+"""A checkpoint directory without ``meta.json`` is another writer's upload in progress until it
+is this old (seconds); after that pruning may delete it as a write that was cut short."""
+
+DEFAULT_UPLOAD_TIMEOUT_S = 900.0
+"""How long a checkpoint's upload may take (a store's ``upload_timeout_s``) before the job fails
+with a clear error rather than waiting on it for ever."""
 
 
 def part_file(rank: int) -> str:
@@ -87,6 +103,12 @@ class CheckpointMeta:
         return PartInfo(info["sha256"], info["size_bytes"]) if info else None
 
 
+def encode_part(state: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """Serialize a part; return its bytes and its entry for ``CheckpointMeta.parts``."""
+    data, digest = encode_state(state)
+    return data, {"sha256": digest, "size_bytes": len(data)}
+
+
 def encode_state(state: dict[str, Any]) -> tuple[bytes, str]:
     """Serialize a state dict; return the bytes and their SHA-256."""
     buf = io.BytesIO()
@@ -131,13 +153,57 @@ class CheckpointStore(Protocol):
     def read_part(self, name: str, filename: str) -> bytes:
         """One part of checkpoint ``name``."""
 
+    def part_sizes(self, name: str) -> dict[str, int]:
+        """File name -> size in bytes of every file stored so far under checkpoint ``name``."""
+
 
 def store_part(store: CheckpointStore, name: str, filename: str,
                state: dict[str, Any]) -> dict[str, Any]:
     """Encode and write one part; return its entry for ``CheckpointMeta.parts``."""
-    data, digest = encode_state(state)
+    data, info = encode_part(state)
     store.write_part(name, filename, data)
-    return {"sha256": digest, "size_bytes": len(data)}
+    return info
+
+
+def wait_for_parts(store: CheckpointStore, name: str, sizes: dict[str, int],
+                   timeout_s: float, poll_s: float = 0.2) -> None:
+    """Wait until every part in ``sizes`` (file name -> bytes) is stored whole under ``name``
+    (written by other ranks), at most ``timeout_s``; then the commit marker may follow."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stored = store.part_sizes(name) if sizes else {}
+        missing = sorted(f for f, n in sizes.items() if stored.get(f) != n)
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise CheckpointError(
+                f"checkpoint {name}: the parts {', '.join(missing)} of other ranks were not stored "
+                f"within {timeout_s:.0f} s, so it is not committed (the previous checkpoint "
+                "stays the newest). Check the checkpoint store's health and speed.")
+        time.sleep(poll_s)
+
+
+def prune_choice(dirs: list[str], committed: set[str], newest: str, keep_last: int,
+                 age_s: Callable[[str], float], stale_s: float = STALE_INCOMPLETE_S) -> list[str]:
+    """Which checkpoint directories a writer that just committed ``newest`` deletes.
+
+    ``dirs`` are the ``ckpt-*`` names listed, ``committed`` those of them listed with a
+    ``meta.json``, ``age_s(name)`` how long an uncommitted one has existed. Kept: anything newer
+    than ``newest`` (another writer's), the ``keep_last`` newest committed ones, and every
+    uncommitted one younger than ``stale_s`` (maybe another writer's upload in progress).
+    """
+    out = []
+    kept = 0
+    for name in sorted(dirs, reverse=True):
+        if name > newest:
+            continue
+        if name in committed:
+            kept += 1
+            if kept > keep_last:
+                out.append(name)
+        elif name != newest and age_s(name) >= stale_s:
+            out.append(name)
+    return out
 
 
 def load_part(store: CheckpointStore, name: str, meta: CheckpointMeta,

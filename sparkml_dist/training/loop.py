@@ -29,8 +29,10 @@ from sparkml_dist.strategies.base import RankContext, Strategy
 from sparkml_dist.training.early_stopping import EarlyStopping, EarlyStoppingState
 from sparkml_dist.training.feed import make_feed
 from sparkml_dist.training.checkpoint import (
-    BEST_NAME, META_FILE, SHARED_PART, CheckpointMeta, CheckpointStore, check_fingerprint, dir_name, latest_loadable,
-    load_part, part_file, store_part)
+    BEST_NAME, DEFAULT_UPLOAD_TIMEOUT_S, META_FILE, SHARED_PART, CheckpointMeta, CheckpointStore,
+    check_fingerprint, dir_name, encode_part, latest_loadable, load_part, part_file, store_part,
+    wait_for_parts)
+from sparkml_dist.training.uploads import BackgroundUploads
 from sparkml_dist.training.objective import loss_fn, prepare_target
 
 log = logging.getLogger(__name__)
@@ -139,9 +141,12 @@ class _DataOrder:
         return batch_indices(self._order, s, self.batch_size)
 
 
-def _maybe_die(cfg: JobConfig, rank: int, attempt: int, step: int) -> None:
+def _maybe_die(cfg: JobConfig, rank: int, attempt: int, step: int,
+               uploads: BackgroundUploads | None = None) -> None:
     inj = cfg.fault.inject
     if inj is not None and (inj.rank, inj.step, inj.attempt) == (rank, step, attempt):
+        if uploads is not None:  # the fault strikes at the step, after the checkpoints before it
+            uploads.wait_alone(cfg.backend.timeout_s)
         log.error("fault injection: rank %d exits hard at step %d on attempt %d",
                   rank, step, attempt)
         for h in logging.getLogger().handlers:
@@ -186,18 +191,41 @@ def restore(store: CheckpointStore, comm: Communicator, fingerprint: dict[str, A
 
 
 def save(store: CheckpointStore, comm: Communicator, strategy: Strategy,
-         fields: dict[str, Any], fingerprint: dict[str, Any]) -> CheckpointMeta | None:
-    """Every rank stores its own part, then rank 0 stores the shared part and commits."""
+         fields: dict[str, Any], fingerprint: dict[str, Any],
+         uploads: BackgroundUploads | None = None) -> CheckpointMeta | None:
+    """Every rank stores its own part; rank 0 stores the shared part and, once every part is
+    stored, commits. With ``uploads`` the parts are serialized here and stored in the background
+    (the previous checkpoint's upload is waited for first, on every rank together)."""
+    if uploads is not None:
+        uploads.drain_together(comm)
     st = strategy.state()
     name = dir_name(fields["steps_done"])
-    mine = store_part(store, name, part_file(comm.rank), st.per_rank) if st.per_rank else None
-    infos = comm.all_gather_object(mine)  # returns once every rank's part is stored
+    mine = encode_part(st.per_rank) if st.per_rank else None
+    own = part_file(comm.rank)
+    if mine is not None and uploads is None:
+        store.write_part(name, own, mine[0])
+    infos = comm.all_gather_object(mine[1] if mine else None)
     if comm.rank != 0:
+        if mine is not None and uploads is not None:
+            uploads.submit(name, lambda: store.write_part(name, own, mine[0]))
         return None
     parts = {part_file(r): info for r, info in enumerate(infos) if info}
-    parts[SHARED_PART] = store_part(store, name, SHARED_PART, st.shared or {})
+    shared, parts[SHARED_PART] = encode_part(st.shared or {})
     meta = CheckpointMeta(parts=parts, fingerprint=fingerprint, **fields)
-    store.commit(name, meta)
+    others = {f: p["size_bytes"] for f, p in parts.items() if f not in (own, SHARED_PART)}
+    timeout_s = uploads.timeout_s if uploads is not None else 0.0
+
+    def store_and_commit() -> None:
+        if mine is not None and uploads is not None:
+            store.write_part(name, own, mine[0])
+        store.write_part(name, SHARED_PART, shared)
+        wait_for_parts(store, name, others if uploads is not None else {}, timeout_s)
+        store.commit(name, meta)  # the commit marker, last
+
+    if uploads is None:
+        store_and_commit()
+    else:
+        uploads.submit(name, store_and_commit)
     return meta
 
 
@@ -233,10 +261,19 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
         if meta.final and meta.early_stopping.get("stopped"):
             end = start  # stopped early: a relaunch trains nothing more
         log.info("rank %d resumes from the checkpoint at step %d of %d", rank, start, total)
+    uploads = None if checkpoints is None else BackgroundUploads(
+        getattr(checkpoints, "upload_timeout_s", DEFAULT_UPLOAD_TIMEOUT_S))
     strategy.start()
     try:
         metrics, end = _run_steps(cfg, plan, comm, strategy, train, val, device, sink,
-                                  checkpoints, fingerprint, start, steps, (end, total), stopper)
+                                  checkpoints, fingerprint, start, steps, (end, total), stopper,
+                                  uploads)
+        if uploads is not None:  # training ends once the last checkpoint is stored
+            uploads.drain_together(comm)
+    except BaseException:
+        if uploads is not None:  # a checkpoint whose parts are all stored still commits
+            uploads.wait_alone(cfg.backend.timeout_s)
+        raise
     finally:
         strategy.close()
     sink.flush()
@@ -289,8 +326,8 @@ def _early_stop(cfg: JobConfig, stopper: EarlyStopping, comm: Communicator,
 def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Strategy,
                train: ShardStore, val: ShardStore, device: torch.device, sink: MetricSink,
                checkpoints: CheckpointStore | None, fingerprint: dict[str, Any], start: int,
-               steps: int, bounds: tuple[int, int], stopper: EarlyStopping | None
-               ) -> tuple[dict[str, float], int]:
+               steps: int, bounds: tuple[int, int], stopper: EarlyStopping | None,
+               uploads: BackgroundUploads | None = None) -> tuple[dict[str, float], int]:
     """Steps ``start`` to ``bounds[0]`` of ``bounds[1]``; returns the last metrics and the steps
     done (fewer when early stopping fires)."""
     end, total = bounds
@@ -304,7 +341,7 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
     batches = feed.batches(start, end)
     for gstep, (x, y) in zip(range(start, end), batches):
         epoch, s = divmod(gstep, steps)
-        _maybe_die(cfg, rank, plan.attempt, gstep)
+        _maybe_die(cfg, rank, plan.attempt, gstep, uploads)
         seed_step(step_seed(tc.seed, rank, gstep), device)
         strategy.set_step(gstep)
         loss = strategy.train_step(gstep, x, y)
@@ -344,7 +381,7 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
                         {"steps_done": done, "epoch": epoch, "step_in_epoch": s + 1,
                          "final": done == total or stop,
                          "early_stopping": stopper.state.to_dict() if stopper else {}},
-                        fingerprint)
+                        fingerprint, uploads)
             if meta is not None:
                 size = sum(p["size_bytes"] for p in meta.parts.values())
                 sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t0,
