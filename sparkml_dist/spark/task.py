@@ -92,11 +92,20 @@ def _preimport() -> None:
 
 
 def _my_shards(builder, rank: int, kind: str):
-    """This rank's (train, validation) stores; the barrier loop reads one shard per rank."""
+    """This rank's (train, validation) stores; the barrier loop reads one shard per rank, or
+    none (empty stores: the strategy feeds the rank from its peers, as model_parallel does)."""
     shards = builder.finish_shards()
+    if not shards:
+        import numpy as np
+
+        from sparkml_dist.data.shard_store import ShardStore
+
+        dtype = np.dtype(builder.label_type.to_pandas_dtype())
+        return (ShardStore([], builder.width, label_dtype=dtype),
+                ShardStore([], builder.width, label_dtype=dtype))
     if len(shards) != 1:
         raise RuntimeError(f"strategy.kind={kind} gave rank {rank} shards {sorted(shards)}; the "
-                           "barrier training loop reads exactly one shard per rank")
+                           "barrier training loop reads at most one shard per rank")
     return next(iter(shards.values()))
 
 
