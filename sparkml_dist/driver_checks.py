@@ -8,12 +8,16 @@ given and what would be valid.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sparkml_dist.config import JobConfig
+from sparkml_dist.config import DataConfig, JobConfig
+from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -92,3 +96,122 @@ def check_encryption(cfg: JobConfig, conf: Callable[[str], str | None]) -> None:
                       f"but backend.name={cfg.backend.name} sends tensors between executors "
                       "unencrypted (gloo, NCCL and Horovod have no encryption). Set "
                       "backend.allow_unencrypted=true to train anyway on a network you trust.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Will each rank's shard fit in its Python worker?
+
+WORKER_BASE_MB = 400.0
+"""Resident memory of a rank's Python worker before any data (interpreter, torch, pyarrow,
+mlflow: about 370 MiB measured on CPU torch), counted against the limits below."""
+ROW_BYTES_KEPT = 16
+"""Bytes per row that stay in memory when features spill: label (<= 8) and row number (8)."""
+_MIB = 2**20
+
+
+def rank_rows(rows: int, layout: DataLayout) -> list[int]:
+    """Rows (training and validation) each rank of ``layout`` will hold: preparation deals rows
+    evenly to the shards, so at most ``ceil(rows / num_shards)`` per shard."""
+    per_shard = math.ceil(rows / layout.num_shards)
+    return [per_shard * len(shards) for shards in layout.shards_of_rank]
+
+
+def parse_size_mb(text: str | None) -> float | None:
+    """A Spark size setting (``512m``, ``2g``, ``1024`` = MiB) in MiB, or None when unset."""
+    if text is None or not str(text).strip():
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", str(text).lower())
+    if not m:
+        return None
+    scale = {"k": 1 / 1024, "": 1.0, "m": 1.0, "g": 1024.0, "t": 1024.0**2}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def _worker_slots(conf: Callable[[str], str | None], master: str) -> int:
+    """Concurrent tasks (so Python workers) per executor: local[N]'s N, or executor cores."""
+    m = re.fullmatch(r"local\[(\*|\d+)(?:,\s*\d+)?\]", master.strip())
+    if m:
+        cores = (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
+    elif master == "local":
+        cores = 1
+    else:
+        cores = int(conf("spark.executor.cores") or 1)
+    task_cpus = int(conf("spark.task.cpus") or 1)
+    return max(1, cores // max(1, task_cpus))
+
+
+def available_memory_bytes() -> int | None:
+    """This host's available memory (``MemAvailable`` of /proc/meminfo), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_shard_memory(data: DataConfig, rows: int, in_features: int, layout: DataLayout,
+                       conf: Callable[[str], str | None], master: str, *,
+                       memory_bytes: int | None = None, disk_bytes: int | None = None) -> None:
+    """Before the data is sharded: fail, naming the setting to change, when a rank's shard
+    cannot fit in its Python worker.
+
+    A rank holds ``rows x in_features x 4`` bytes of features, up to ``data.shard_memory_mb`` in
+    memory and the rest spilled to ``data.spill_dir``, plus :data:`ROW_BYTES_KEPT` a row and
+    :data:`WORKER_BASE_MB`. Checked against ``spark.executor.pyspark.memory`` (PySpark gives
+    each Python worker an equal part of it per executor core) where set, and under a local
+    master against this host's available memory (``memory_bytes``, default read from the host)
+    and the free disk where shards spill (``disk_bytes``, default measured there).
+    """
+    per_rank = rank_rows(rows, layout)
+    budget = data.shard_memory_mb * _MIB
+    features = [n * in_features * 4 for n in per_rank]
+    held = [min(f, budget) + n * ROW_BYTES_KEPT for f, n in zip(features, per_rank)]
+    spilled = [max(0.0, f - budget) for f in features]
+    r = max(range(len(held)), key=held.__getitem__)
+    shape = (f"rank {r} would hold {per_rank[r]} rows x {in_features} features x 4 bytes = "
+             f"{features[r] / _MIB:.1f} MiB of features, {held[r] / _MIB:.1f} MiB of it in memory "
+             f"(data.shard_memory_mb={data.shard_memory_mb:g}; the rest spills to disk)")
+    keep_mb = per_rank[r] * ROW_BYTES_KEPT / _MIB
+    pyspark_mb = parse_size_mb(conf("spark.executor.pyspark.memory"))
+    if pyspark_mb is not None:
+        slots = _worker_slots(conf, master)
+        limit_mb = pyspark_mb / slots
+        need_mb = held[r] / _MIB + WORKER_BASE_MB
+        if need_mb > limit_mb:
+            fit_mb = limit_mb - WORKER_BASE_MB - keep_mb
+            lower = (f", or lower data.shard_memory_mb to {math.floor(fit_mb * 10) / 10:g} or "
+                     "less so more of the shard spills to disk (data.spill_dir)"
+                     if fit_mb >= 0.1 else "")
+            raise ConfigError(
+                f"{shape}, plus about {WORKER_BASE_MB:.0f} MiB for Python and torch: about "
+                f"{need_mb:.0f} MiB, but spark.executor.pyspark.memory="
+                f"{conf('spark.executor.pyspark.memory')} gives each of the executor's {slots} "
+                f"Python workers {limit_mb:.0f} MiB. Raise spark.executor.pyspark.memory to at "
+                f"least {math.ceil(need_mb * slots)}m{lower}.")
+    if not master.startswith("local"):
+        return  # the executors' memory and disks are not visible from here
+    avail = available_memory_bytes() if memory_bytes is None else memory_bytes
+    total = sum(held) + len(held) * WORKER_BASE_MB * _MIB
+    if avail is not None and total > avail:
+        fit_mb = (avail / len(held) - WORKER_BASE_MB * _MIB) / _MIB - keep_mb
+        lower = (f"lower data.shard_memory_mb to {math.floor(fit_mb * 10) / 10:g} or less so the "
+                 "rest of each shard spills to disk (data.spill_dir)" if fit_mb >= 0.1 else
+                 "train on fewer rows or features")
+        raise ConfigError(
+            f"{shape}; the {len(held)} ranks on this host (spark.master={master}) would need "
+            f"about {total / _MIB:.0f} MiB together, with {WORKER_BASE_MB:.0f} MiB each for "
+            f"Python and torch, but {avail / _MIB:.0f} MiB is available. {lower[0].upper()}"
+            f"{lower[1:]}, or free memory.")
+    spill_total = sum(spilled)
+    where = data.spill_dir or tempfile.gettempdir()
+    if spill_total > 0:
+        free = shutil.disk_usage(where).free if disk_bytes is None else disk_bytes
+        if spill_total > free:
+            raise ConfigError(
+                f"{shape}; the ranks on this host would spill {spill_total / _MIB:.0f} MiB of "
+                f"features to {where}, which has {free / _MIB:.0f} MiB free. Set data.spill_dir "
+                "to a directory with more free space, or raise data.shard_memory_mb if memory "
+                "allows.")

@@ -468,6 +468,14 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
                         timings={"shard_s": time.perf_counter() - t0}, persisted=(frame,))
 
 
+def _spark_conf(spark: SparkSession, key: str) -> str | None:
+    """A Spark setting, or None where it is unset or not exposed (Spark Connect)."""
+    try:
+        return spark.conf.get(key, None)
+    except Exception:  # noqa: BLE001 - Connect may refuse the key
+        return None
+
+
 def _check_layout(layout: Any) -> None:
     if not isinstance(layout, DataLayout):
         raise TypeError(f"layout must be a DataLayout; got {type(layout).__name__}. For one shard "
@@ -485,10 +493,16 @@ def prepare(spark: SparkSession, df: DataFrame, cfg: DataConfig, layout: DataLay
     """Validate ``df`` (:func:`assemble`) and lay it out as train+validation shards read by the
     ranks of ``layout`` (:func:`split_and_shard`). The source is read twice; the result is
     persisted until :meth:`PreparedData.release`."""
+    from sparkml_dist.driver_checks import check_shard_memory
+
     _check_layout(layout)
     t0 = time.perf_counter()
     assembled = assemble(spark, df, cfg)
     assemble_s = time.perf_counter() - t0
+    # Before the second pass: fail if a rank's shard cannot fit its Python worker.
+    master = _spark_conf(spark, "spark.master") or ""
+    check_shard_memory(cfg, assembled.rows, assembled.in_features, layout,
+                       lambda key: _spark_conf(spark, key), master)
     prepared = split_and_shard(spark, assembled, cfg, layout, seed)
     prepared.timings["assemble_s"] = assemble_s
     return prepared

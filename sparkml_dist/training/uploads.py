@@ -62,7 +62,8 @@ class BackgroundUploads:
         """Why the last upload failed, or None."""
         if self._error is None:
             return None
-        return f"storing checkpoint {self._what} failed: {type(self._error).__name__}: {self._error}"
+        return (f"storing checkpoint {self._what} failed: {type(self._error).__name__}: "
+                f"{self._error}")
 
     def drain_together(self, comm: Communicator) -> None:
         """Every rank: return once no rank has an upload in flight; raise on every rank if one
