@@ -75,3 +75,16 @@ def test_a_failed_attempt_reaches_logs_and_the_run_without_secrets(tmp_path, cap
     for text in (json.dumps(data.tags), json.dumps(data.params), stored, caplog.text):
         assert SECRET not in text
     assert REDACTED in data.tags["sparkml_dist.failure.0"] and REDACTED in stored
+
+
+def test_a_ranks_failure_text_is_redacted_before_spark_logs_it():
+    from sparkml_dist.spark.task import TaskSpec, _redacted
+    from sparkml_dist.training.loop import RankPlan
+
+    cfg = JobConfig().replace(**{"data.read_options": {"token": SECRET}})
+    spec = TaskSpec(config=cfg, plan=RankPlan(in_features=2, num_outputs=2,
+                                              train_shard_sizes=(4, 4)),
+                    run_id="r", tracking_uri=SERVER, secret="rendezvous-key")
+    text = _redacted(spec, f"rank 0 failed: cannot log to {SERVER}: token {SECRET} refused, "
+                           "key rendezvous-key")
+    assert SECRET not in text and "rendezvous-key" not in text and text.count(REDACTED) == 3

@@ -173,6 +173,16 @@ def _executor_id() -> str:
     return f"{os.getcwd()}|{os.getppid()}"
 
 
+def _redacted(spec: TaskSpec, text: str) -> str:
+    """A failure's text without the job's secrets: Spark logs it on the executor and the driver
+    before sparkml_dist sees it."""
+    from sparkml_dist.config import to_dict
+    from sparkml_dist.tracking.redact import Redactor
+
+    return Redactor({"config": to_dict(spec.config), "tracking_uri": spec.tracking_uri,
+                     "secret": spec.secret}).text(text)
+
+
 def run_barrier_task(spec: TaskSpec, batches: Iterator[pa.RecordBatch]
                      ) -> Iterator[pa.RecordBatch]:
     """``mapInArrow`` body: train one rank; on failure raise an error the driver can parse."""
@@ -189,7 +199,7 @@ def run_barrier_task(spec: TaskSpec, batches: Iterator[pa.RecordBatch]
         text = (f"{USER_ERROR_MARKER + ' ' if user else ''}{header}: {type(exc).__name__}: {exc}\n"
                 f"--- traceback ---\n{traceback.format_exc(limit=8)}"
                 f"--- last log lines of rank {rank} ---\n" + "\n".join(tail.lines))
-        raise RuntimeError(text) from None
+        raise RuntimeError(_redacted(spec, text)) from None
     finally:
         logging.getLogger().removeHandler(tail)
     yield pa.RecordBatch.from_pylist([row], schema=pa.schema([
