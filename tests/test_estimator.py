@@ -1,7 +1,7 @@
 """The ``pyspark.ml`` Estimator and Model on real local Spark with a real MLflow store: params
 map onto the typed config; a Pipeline with a Spark ``VectorAssembler`` fits, transforms (the
 same predictions and probabilities as the project's UDF on the same rows), saves, loads and
-transforms again identically; and the same Pipeline through Spark Connect."""
+transforms again identically (through Spark Connect: tests/test_estimator_connect.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from sparkml_dist.errors import ConfigError
 from sparkml_dist.spark.estimator import CONFIG_PARAMS, SparkMLDistEstimator, SparkMLDistModel
-from tests.test_connect import connect_server, remote  # noqa: F401 - the Connect fixtures
 
 COLS = ["a", "b", "c", "d"]
 CLASSES = ["high", "low", "mid"]
@@ -120,21 +119,3 @@ def test_pipeline_with_vector_assembler_fits_transforms_saves_loads(spark, track
     with pytest.raises(Exception, match="already has a column 'prediction'"):
         again.transform(out.drop("probability"))
 
-
-def test_pipeline_through_spark_connect(remote, tmp_path):  # noqa: F811
-    from pyspark.ml import Pipeline, PipelineModel
-    from pyspark.ml.feature import VectorAssembler
-    from pyspark.sql.utils import is_remote
-
-    assert is_remote()
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    df = remote.createDataFrame([(i, *r) for i, r in enumerate(make_rows(160, seed=3))],
-                                ["id", *COLS, "kind"])
-    fitted = Pipeline(stages=[VectorAssembler(inputCols=COLS, outputCol="features"),
-                              estimator(tracking_uri).setParams(epochs=2)]).fit(df)
-    preds, probs = _scores(fitted.transform(df))
-    assert set(preds) <= set(CLASSES) and probs.shape == (160, 3)
-    path = str(tmp_path / "pipeline_model")
-    fitted.save(path)
-    preds2, probs2 = _scores(PipelineModel.load(path).transform(df))
-    assert preds2 == preds and np.array_equal(probs2, probs)
