@@ -176,9 +176,6 @@ def _fit_parameter_server(spark: Any, df: Any, cfg: JobConfig, resume_run_id: st
     ordinary Spark stage (:mod:`sparkml_dist.strategies.parameter_server`), one MLflow run."""
     from sparkml_dist.strategies.parameter_server.driver import fit_parameter_server
 
-    if resume_run_id:
-        raise ConfigError("strategy.kind=parameter_server cannot resume a run yet (its servers "
-                          "are not checkpointed); start a new run.")
     return _fit_on_driver(fit_parameter_server, spark, df, cfg, resume_run_id, force_resume)
 
 

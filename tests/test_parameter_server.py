@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sparkml_dist.algo.ps import (
-    StalenessHistogram, may_proceed, pull_ready, shard_parameters, ssp_violations)
+    StalenessHistogram, is_cut, may_proceed, pull_ready, shard_parameters, ssp_violations)
 from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import ConfigError
 from sparkml_dist.strategies.parameter_server import wire
@@ -67,6 +67,13 @@ def test_staleness_histogram_and_violation_check():
               {"op": "push", "worker": 1, "step": 0}, {"op": "pull", "worker": 0, "step": 2}]
     assert ssp_violations(events, 2, 1) == [{"worker": 0, "step": 2, "min_clock": 0}]
     assert ssp_violations(events, 2, 2) == []
+
+
+def test_cuts_fall_on_epoch_ends_and_every_n_steps_but_never_first_or_last():
+    # 45 steps per epoch, 3 epochs, every 20 steps
+    assert [k for k in range(136) if is_cut(k, 45, 20, 135)] == [20, 40, 45, 60, 80, 90, 100,
+                                                                 120]
+    assert [k for k in range(136) if is_cut(k, 45, 0, 135)] == [45, 90]
 
 
 def test_config_validates_its_settings():

@@ -17,6 +17,8 @@ and staleness bookkeeping. Pure: torch/numpy-free Python, no sockets, no clocks.
 
 - Staleness of a push: how many updates the shard applied between the worker's pull and its push
   (0 under ``sync``); :class:`StalenessHistogram` counts them.
+- Checkpoints are consistent cuts (:func:`is_cut`): every shard at one logical step, every
+  worker's data position that step.
 """
 
 from __future__ import annotations
@@ -131,3 +133,14 @@ def ssp_violations(events: Sequence[Mapping[str, int]], num_workers: int, stalen
         elif e["op"] == "pull" and not may_proceed(e["step"], clocks, staleness):
             bad.append({"worker": e["worker"], "step": e["step"], "min_clock": min(clocks)})
     return bad
+
+
+def is_cut(step: int, steps_per_epoch: int, every_steps: int, total_steps: int) -> bool:
+    """Whether global step ``step`` is a checkpoint cut: each epoch's end, and every
+    ``every_steps`` steps when > 0; never step 0 or the last (the final state is read
+    directly). At a cut every worker has pushed exactly ``step`` steps and no more: a pull for
+    ``step`` is held until the slowest worker has pushed ``step - 1``, in every mode, so all
+    shards stand at one logical step together (a consistent cut, Chandy and Lamport 1985)."""
+    if step <= 0 or step >= total_steps:
+        return False
+    return step % steps_per_epoch == 0 or (every_steps > 0 and step % every_steps == 0)

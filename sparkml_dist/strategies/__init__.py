@@ -13,6 +13,9 @@ Kinds and where they live:
   point-to-point sends, ring/torus/exponential/random topologies), resume bitwise.
 - ``federated``: :mod:`sparkml_dist.strategies.federated` (rounds as ordinary Spark stages, run by
   the driver rather than by the barrier loop).
+- ``parameter_server``: :mod:`sparkml_dist.strategies.parameter_server` (servers started by the
+  driver, workers as ordinary Spark tasks; sync, async or stale-synchronous; replicated shards),
+  resume from a consistent cut, bitwise for sync.
 
 Importing this package is cheap and imports nothing else (``sparkml_dist.config`` imports the
 config modules of some strategies); the functions below load the registry on first use.

@@ -30,7 +30,14 @@ Where things live, and why:
   task closure; nothing from the network is unpickled. Every wait is bounded by
   ``backend.timeout_s``, and a lost shard is an error naming its shard, role and address.
 
-Resume promise (the run's ``sparkml_dist.resume_guarantee`` tag): within a job, as above.
-Across jobs there is none yet: a stopped job starts again from its initial model (no consistent
-cut of servers and worker positions is checkpointed).
+- Checkpoints (:mod:`.cuts`) are consistent cuts: at each epoch end and every
+  ``checkpoint.every_steps`` steps, every shard holds the pulls for that step until every worker
+  has pushed up to it, writes its state (values, optimizer, schedule, clocks), and the driver
+  commits one checkpoint of all shards into the run. Resuming the run (``fit(...,
+  resume_run_id=...)``) starts the servers from the newest cut and every worker at its step, so
+  no sample is skipped or seen twice.
+
+Resume promise (the run's ``sparkml_dist.resume_guarantee`` tag): a consistent cut; bitwise for
+``sync`` only (``async``/``ssp`` continue from the cut, but what follows depends on the order
+pushes arrive in). In ``async`` mode the cut is a brief barrier every checkpoint interval.
 """

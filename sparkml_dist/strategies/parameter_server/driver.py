@@ -24,16 +24,15 @@ from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.data.shard_store import SPLIT
 from sparkml_dist.errors import ClusterError, ConfigError, TrainingFailed
 from sparkml_dist.strategies.parameter_server.client import Servers
+from sparkml_dist.strategies.parameter_server.cuts import (
+    RESUME_GUARANTEE, CutCollector, fingerprint, load_cut)
+from sparkml_dist.strategies.parameter_server.plan import JobPlan, plan_job, worker_task
 from sparkml_dist.strategies.parameter_server.processes import ServerGroup
-from sparkml_dist.strategies.parameter_server.plan import plan_job, worker_task
-from sparkml_dist.strategies.parameter_server.worker import RESULT_DDL, WorkerTask, run_worker_task
+from sparkml_dist.strategies.parameter_server.worker import (
+    RESULT_DDL, WorkerTask, run_worker_task)
+from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
 
 log = logging.getLogger(__name__)
-
-RESUME_GUARANTEE = ("none across jobs: a stopped job starts again from its initial model. "
-                    "Within a job a retried worker task resumes at the step the servers hold "
-                    "for it, and a lost primary server is replaced by its replica, which has "
-                    "applied every acknowledged push in the same order")
 
 
 def driver_host(spark: Any) -> str:
@@ -91,14 +90,25 @@ def _run(spark: Any, prepared: Any, cfg: JobConfig, ps: ParameterServerConfig,
     w = cfg.training.num_workers
     plan = plan_job(cfg, prepared.in_features, prepared.num_outputs,
                     prepared.train_shard_sizes)
+    store = MlflowCheckpointStore(run.tracking_uri, run.run_id, cfg.checkpoint.keep_last) \
+        if cfg.checkpoint.enabled else None
+    cut = load_cut(store, cfg) if store is not None else None
     secret = os.urandom(32)  # authenticates every frame; travels only in the task closure
     group = ServerGroup(driver_host(spark), secret, cfg.backend.rendezvous_timeout_s)
+    if store is not None:
+        plan.specs = [dataclasses.replace(s, cut_every=cfg.checkpoint.every_steps,
+                                          cut_dir=str(group.cut_dir)) for s in plan.specs]
     try:
-        endpoints = group.start(plan.specs, plan.initial_values(), ps.replicas)
+        endpoints = group.start(plan.specs, plan.initial_values(), ps.replicas,
+                                cut[1] if cut else None)
+        if cut:
+            log.info("resuming the parameter-server job from its cut at step %d", cut[0])
         run.set_tags({"sparkml_dist.strategy": "parameter_server",
                       "sparkml_dist.ps.mode": ps.mode,
                       "sparkml_dist.ps.servers": json.dumps(group.describe()),
-                      "sparkml_dist.resume_guarantee": RESUME_GUARANTEE,
+                      "sparkml_dist.ps.resumed_from": cut[0] if cut else 0,
+                      "sparkml_dist.resume_guarantee": RESUME_GUARANTEE[ps.mode] if store
+                      else "none: checkpoint.enabled=false",
                       "sparkml_dist.world_size": w})
         run.log_params({"data.rows_train": sum(prepared.train_shard_sizes),
                         "data.rows_val": sum(prepared.val_shard_sizes),
@@ -106,19 +116,7 @@ def _run(spark: Any, prepared: Any, cfg: JobConfig, ps: ParameterServerConfig,
                         "ps.shard_values": plan.sizes})
         task = worker_task(plan, cfg, endpoints, secret, prepared.in_features,
                            prepared.num_outputs, prepared.layout.shards_of_rank)
-        t0 = time.monotonic()
-        try:
-            table = prepared.frame.mapInArrow(functools.partial(run_worker_task, task),
-                                              RESULT_DDL).toArrow()
-        except Exception as exc:
-            dead = group.dead()
-            raise TrainingFailed(
-                "parameter-server workers failed"
-                + (f" (servers gone: {', '.join(dead)})" if dead else "")
-                + f": {_last_line(exc)}") from exc
-        wall = time.monotonic() - t0
-        workers = sorted((json.loads(r) for r in table.column("report").to_pylist()),
-                         key=lambda r: r["worker"])
+        workers, wall = _train(prepared, task, group, plan, store, cfg)
         # The driver reads from whichever server of each shard still serves (failover).
         client = Servers(endpoints, secret, cfg.backend.timeout_s, plan.sizes)
         try:
@@ -130,7 +128,7 @@ def _run(spark: Any, prepared: Any, cfg: JobConfig, ps: ParameterServerConfig,
     plan.load(values)
     model = plan.model
     metrics = _log_results(prepared, cfg, run, task, model, workers, server_reports, wall)
-    model_uri = _finish(prepared, cfg, run, model, plan.total_steps)
+    model_uri = _finish(prepared, cfg, run, model, plan.total_steps, store)
     ranks = [{k: v for k, v in r.items() if k not in ("stamps", "losses")} for r in workers]
     return {"metrics": metrics, "model_uri": model_uri, "workers": workers, "ranks": ranks,
             "servers": server_reports, "state": {k: v.detach().clone()
@@ -193,6 +191,9 @@ def _log_results(prepared: Any, cfg: JobConfig, run: Any, task: WorkerTask,
     for r in workers:
         metrics[f"ps/worker_{r['worker']}/steps_per_s"] = \
             r["steps"] / r["seconds"] if r["seconds"] > 0 else 0.0
+    # While every worker runs, the job consumes the sum of the workers' own rates.
+    metrics["ps/aggregate_samples_per_s"] = tc.batch_size * sum(
+        metrics[f"ps/worker_{r['worker']}/steps_per_s"] for r in workers)
     metrics.update(_evaluate(prepared, cfg, task, model))
     now = int(time.time() * 1000)
     rows = [Metric(k, float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)]
@@ -220,17 +221,43 @@ def _log_results(prepared: Any, cfg: JobConfig, run: Any, task: WorkerTask,
     return metrics
 
 
-def _finish(prepared: Any, cfg: JobConfig, run: Any, model: torch.nn.Module, total: int
-            ) -> str | None:
+def _train(prepared: Any, task: WorkerTask, group: ServerGroup, plan: JobPlan, store: Any,
+           cfg: JobConfig) -> tuple[list[dict[str, Any]], float]:
+    """Run the workers' stage (partition r = worker r) while the cut collector commits
+    checkpoints; return the workers' reports and the stage's wall time."""
+    t0 = time.monotonic()
+    try:
+        with _collector(group, plan, store, cfg):
+            table = prepared.frame.mapInArrow(functools.partial(run_worker_task, task),
+                                              RESULT_DDL).toArrow()
+    except Exception as exc:
+        dead = group.dead()
+        raise TrainingFailed(
+            "parameter-server workers failed"
+            + (f" (servers gone: {', '.join(dead)})" if dead else "")
+            + f": {_last_line(exc)}") from exc
+    workers = sorted((json.loads(r) for r in table.column("report").to_pylist()),
+                     key=lambda r: r["worker"])
+    return workers, time.monotonic() - t0
+
+
+def _collector(group: ServerGroup, plan: Any, store: Any, cfg: JobConfig) -> Any:
+    """The checkpoint thread while the workers run (a no-op without checkpoints)."""
+    import contextlib
+
+    if store is None:
+        return contextlib.nullcontext()
+    return CutCollector(group.cut_dir, plan, store, fingerprint(cfg))
+
+
+def _finish(prepared: Any, cfg: JobConfig, run: Any, model: torch.nn.Module, total: int,
+            store: Any) -> str | None:
     """The final model as the run's checkpoint (``api.final_state`` reads it) and, when
     ``tracking.log_model``, as its logged model."""
-    if cfg.checkpoint.enabled:
-        from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
-
-        store = MlflowCheckpointStore(run.tracking_uri, run.run_id, cfg.checkpoint.keep_last)
+    if store is not None:
         store.save({"model": {k: v.detach().clone() for k, v in model.state_dict().items()}},
                    {"steps_done": total, "epoch": cfg.training.epochs, "step_in_epoch": 0,
-                    "fingerprint": {"strategy": "parameter_server"}})
+                    "fingerprint": fingerprint(cfg)})
     if not cfg.tracking.log_model:
         return None
     example = np.asarray(prepared.example_features, dtype=np.float32)

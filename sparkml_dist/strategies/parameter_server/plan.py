@@ -44,16 +44,22 @@ class JobPlan:
         named = self.named
         return [[named[n].detach() for n in ns] for ns in self.groups]
 
+    def state_from(self, values: list[np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict`` entries from the shards' flat values."""
+        named = self.named
+        out: dict[str, torch.Tensor] = {}
+        for ns, vec in zip(self.groups, values):
+            flat = torch.as_tensor(vec, dtype=torch.float32)
+            offset = 0
+            for n in ns:
+                k = named[n].numel()
+                out[n] = flat[offset:offset + k].reshape(named[n].shape).clone()
+                offset += k
+        return out
+
     def load(self, values: list[np.ndarray]) -> None:
         """Copy the shards' flat values into the model."""
-        named = self.named
-        with torch.no_grad():
-            for ns, vec in zip(self.groups, values):
-                offset = 0
-                for n in ns:
-                    p = named[n]
-                    p.copy_(torch.from_numpy(vec[offset:offset + p.numel()]).reshape(p.shape))
-                    offset += p.numel()
+        self.model.load_state_dict(self.state_from(values))
 
 
 def plan_job(cfg: JobConfig, in_features: int, num_outputs: int,
@@ -92,6 +98,7 @@ def worker_task(plan: JobPlan, cfg: JobConfig, endpoints: list[list[Endpoint]], 
                 layout_shards: tuple[tuple[int, ...], ...] = ()) -> WorkerTask:
     """The task every worker receives."""
     ps: Any = cfg.strategy
+    inj = cfg.fault.inject
     return WorkerTask(
         factory=cfg.model.factory, model_kwargs=dict(cfg.model.kwargs), in_features=in_features,
         num_outputs=num_outputs, task=cfg.data.task, batch_size=cfg.training.batch_size,
@@ -101,4 +108,5 @@ def worker_task(plan: JobPlan, cfg: JobConfig, endpoints: list[list[Endpoint]], 
         timeout_s=cfg.backend.timeout_s,
         straggler_sleep_s={int(k): float(v) for k, v in ps.straggler_sleep_s.items()},
         layout_shards=layout_shards, shard_memory_mb=cfg.data.shard_memory_mb,
-        spill_dir=cfg.data.spill_dir)
+        spill_dir=cfg.data.spill_dir,
+        crash=None if inj is None else (inj.rank, inj.step, inj.attempt))

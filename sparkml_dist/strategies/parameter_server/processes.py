@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,22 +33,27 @@ class ServerGroup:
     def __init__(self, host: str, secret: bytes, start_timeout_s: float = 120.0) -> None:
         self.host, self.secret, self.start_timeout_s = host, secret, start_timeout_s
         self.dir = Path(tempfile.mkdtemp(prefix="sparkml_dist-ps-"))
+        self.cut_dir = self.dir / "cuts"
+        """Where shards write their state at checkpoint cuts."""
+        self.cut_dir.mkdir()
         self.procs: list[tuple[Endpoint, subprocess.Popen]] = []
         self.endpoints: list[list[Endpoint]] = []
 
-    def start(self, specs: list[ShardSpec], values: list[list[torch.Tensor]],
-              replicas: int) -> list[list[Endpoint]]:
-        """Start every shard (with ``replicas`` replicas each); returns the endpoints per shard,
-        primary first. Replicas start first (together), then the primaries (together)."""
+    def start(self, specs: list[ShardSpec], values: list[list[torch.Tensor]], replicas: int,
+              restores: list[dict[str, Any]] | None = None) -> list[list[Endpoint]]:
+        """Start every shard (with ``replicas`` replicas each), from ``values`` or from a cut's
+        per-shard state (``restores``); returns the endpoints per shard, primary first.
+        Replicas start first (together), then the primaries (together)."""
+        restore = restores or [None] * len(specs)
         try:
             reps: list[Endpoint | None] = [None] * len(specs)
             if replicas:
-                launched = [self._launch(replace(s, role="replica", replica=None), v)
-                            for s, v in zip(specs, values)]
+                launched = [self._launch(replace(s, role="replica", replica=None), v, r)
+                            for s, v, r in zip(specs, values, restore)]
                 reps = [self._ready(*x) for x in launched]
             launched = [self._launch(replace(s, role="primary",
-                                             replica=(r.host, r.port) if r else None), v)
-                        for s, v, r in zip(specs, values, reps)]
+                                             replica=(r.host, r.port) if r else None), v, c)
+                        for s, v, r, c in zip(specs, values, reps, restore)]
             for x, r in zip(launched, reps):
                 self.endpoints.append([self._ready(*x)] + ([r] if r else []))
         except BaseException:
@@ -55,12 +61,12 @@ class ServerGroup:
             raise
         return self.endpoints
 
-    def _launch(self, spec: ShardSpec, vals: list[torch.Tensor]
+    def _launch(self, spec: ShardSpec, vals: list[torch.Tensor], restore: Any = None
                 ) -> tuple[ShardSpec, subprocess.Popen, Path]:
         name = f"shard{spec.shard}-{spec.role}"
         path = self.dir / f"{name}.pt"
         torch.save({"spec": spec.to_dict(), "values": [v.detach().clone() for v in vals],
-                    "host": self.host}, path)
+                    "host": self.host, "restore": restore}, path)
         log_path = self.dir / f"{name}.log"
         with open(log_path, "wb") as err:
             proc = subprocess.Popen(
@@ -117,10 +123,7 @@ class ServerGroup:
                 p.wait(timeout=5)
             if p.stdout is not None:
                 p.stdout.close()
-
-    def logs(self) -> dict[str, str]:
-        return {p.name: _tail(p, 4000) for p in sorted(self.dir.glob("*.log"))}
-
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 def _tail(path: Path, chars: int = 2000) -> str:
     try:

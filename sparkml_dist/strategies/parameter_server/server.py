@@ -2,7 +2,8 @@
 
 Started by the driver as ``python -m sparkml_dist.strategies.parameter_server.server SPEC``:
 ``SPEC`` is a local file (``torch.load(weights_only=True)``: plain dicts and tensors) with the
-:class:`~.shard.ShardSpec` and the shard's initial values; the job secret (hex) arrives on
+:class:`~.shard.ShardSpec`, the shard's initial values and, on resume, the state of the cut it
+continues from; the job secret (hex) arrives on
 stdin, never in arguments or the environment. The process binds ``host:0`` and prints
 ``READY <port>`` on stdout; then it serves until told ``shutdown`` or killed.
 
@@ -137,9 +138,10 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 def serve(spec: ShardSpec, values: list[Any], secret: bytes, host: str,
-          ready: Any = None) -> None:
-    """Serve one shard until ``shutdown`` (``ready(port)`` is called once bound)."""
-    srv = _Server(host, Shard(spec, values), secret)
+          ready: Any = None, restore: dict[str, Any] | None = None) -> None:
+    """Serve one shard until ``shutdown`` (``ready(port)`` is called once bound), from its
+    initial ``values`` or from a cut's state (``restore``)."""
+    srv = _Server(host, Shard(spec, values, restore), secret)
     port = srv.server_address[1]
     log.info("shard %d %s serving on %s:%d", spec.shard, spec.role, host, port)
     if ready is not None:
@@ -165,7 +167,7 @@ def main(argv: list[str]) -> int:
         sys.stdout.flush()
 
     t0 = time.monotonic()
-    serve(spec, list(raw["values"]), secret, raw["host"], ready)
+    serve(spec, list(raw["values"]), secret, raw["host"], ready, raw.get("restore"))
     log.info("shard %d %s stopped after %.1f s", spec.shard, spec.role, time.monotonic() - t0)
     return 0
 

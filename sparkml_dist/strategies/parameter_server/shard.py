@@ -7,6 +7,7 @@ bounded by ``timeout_s``.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparkml_dist.algo.ps import StalenessHistogram, pull_ready
+from sparkml_dist.algo.ps import StalenessHistogram, is_cut, pull_ready
 from sparkml_dist.config import OptimizerConfig
 from sparkml_dist.training.optim import lr_factor, make_optimizer
 
@@ -44,6 +45,10 @@ class ShardSpec:
     timeout_s: float
     replica: tuple[str, int] | None = None
     """The replica this primary forwards every push to (chain replication)."""
+    cut_every: int = 0
+    """``checkpoint.every_steps`` (cuts also fall on every epoch's end)."""
+    cut_dir: str | None = None
+    """Where the shard writes its state at each cut (None: no checkpoints)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"shard": self.shard, "role": self.role, "names": list(self.names),
@@ -51,7 +56,8 @@ class ShardSpec:
                 "staleness": self.staleness, "num_workers": self.num_workers,
                 "optimizer": dict(self.optimizer), "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "timeout_s": self.timeout_s,
-                "replica": list(self.replica) if self.replica else None}
+                "replica": list(self.replica) if self.replica else None,
+                "cut_every": self.cut_every, "cut_dir": self.cut_dir}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ShardSpec:
@@ -61,13 +67,15 @@ class ShardSpec:
                          num_workers=int(d["num_workers"]), optimizer=dict(d["optimizer"]),
                          steps_per_epoch=int(d["steps_per_epoch"]),
                          total_steps=int(d["total_steps"]), timeout_s=float(d["timeout_s"]),
-                         replica=tuple(d["replica"]) if d.get("replica") else None)
+                         replica=tuple(d["replica"]) if d.get("replica") else None,
+                         cut_every=int(d.get("cut_every", 0)), cut_dir=d.get("cut_dir"))
 
 
 class Shard:
     """Parameters of one shard and the rule that orders pulls and pushes."""
 
-    def __init__(self, spec: ShardSpec, values: list[torch.Tensor]) -> None:
+    def __init__(self, spec: ShardSpec, values: list[torch.Tensor],
+                 restore: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.params = [torch.nn.Parameter(v.detach().clone().to(torch.float32))
                        for v in values]
@@ -90,7 +98,40 @@ class Shard:
         self.hist = StalenessHistogram()
         self.events: list[dict[str, Any]] = []
         self.stats = {"pushes": 0, "pulls": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0,
-                      "pull_wait_s": 0.0}
+                      "pull_wait_s": 0.0, "cut_s": 0.0}
+        self.cuts_written: set[int] = set()
+        if restore is not None:
+            self._restore(restore)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue from a cut written by :meth:`_write_cut`."""
+        vec = torch.as_tensor(state["values"], dtype=torch.float32)
+        with torch.no_grad():
+            offset = 0
+            for p, n in zip(self.params, self.sizes):
+                p.copy_(vec[offset:offset + n].reshape(p.shape))
+                offset += n
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["sched"])
+        self.version = int(state["version"])
+        self.clocks = [int(c) for c in state["clocks"]]
+        self.hist.merge({int(k): int(v) for k, v in state["staleness"].items()})
+        self.cuts_written.add(int(state["step"]))
+
+    def _write_cut(self, step: int) -> None:
+        """Write this shard's state at cut ``step`` (every worker's clock is ``step``):
+        ``<cut_dir>/shard<i>-step<k>.pt``, written to a temporary name and renamed."""
+        assert self.spec.cut_dir is not None and all(c == step for c in self.clocks)
+        t0 = time.monotonic()
+        path = os.path.join(self.spec.cut_dir, f"shard{self.spec.shard}-step{step:09d}.pt")
+        tmp = f"{path}.{self.spec.role}.tmp"
+        torch.save({"step": step, "values": torch.from_numpy(self.vector()),
+                    "optimizer": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                    "version": self.version, "clocks": list(self.clocks),
+                    "staleness": {str(k): v for k, v in self.hist.counts.items()}}, tmp)
+        os.replace(tmp, path)
+        self.cuts_written.add(step)
+        self.stats["cut_s"] += time.monotonic() - t0
 
     # -- values ----------------------------------------------------------------------------
 
@@ -115,8 +156,11 @@ class Shard:
         self._check_worker(worker)
         t0 = time.monotonic()
         deadline = t0 + self.spec.timeout_s
-        while not pull_ready(self.spec.mode, step, self.version, self.clocks,
-                             self.spec.staleness):
+        spec = self.spec
+        cut = spec.cut_dir is not None and is_cut(step, spec.steps_per_epoch, spec.cut_every,
+                                                  spec.total_steps)
+        while not (pull_ready(spec.mode, step, self.version, self.clocks, spec.staleness)
+                   and (not cut or min(self.clocks) >= step)):
             left = deadline - time.monotonic()
             if left <= 0:
                 slow = [w for w, c in enumerate(self.clocks)
@@ -131,6 +175,8 @@ class Shard:
         self.stats["pulls"] += 1
         self.events.append({"op": "pull", "worker": worker, "step": step,
                             "version": self.version, "t": time.time()})
+        if cut and step not in self.cuts_written:
+            self._write_cut(step)
         if self.spec.mode == "sync" and self.version > step:
             # A retried worker re-pulls a step this shard already completed.
             if self.version != step + 1 or self.previous is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class WorkerTask:
     """The data layout's shards of each worker."""
     shard_memory_mb: float = 512.0
     spill_dir: str | None = None
+    crash: tuple[int, int, int] | None = None
+    """TEST-ONLY (``fault.inject``): (worker, step, task attempt) at which that worker's
+    process exits hard."""
 
 
 def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,7 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return loss_fn(task)(out, prepare_target(y, out, task))
 
 
-def train_worker(task: WorkerTask, worker: int, train: Any) -> dict[str, Any]:
+def train_worker(task: WorkerTask, worker: int, train: Any, attempt: int = 0) -> dict[str, Any]:
     """Run ``worker``'s steps against the servers; ``train`` is its
     :class:`~sparkml_dist.data.shard_store.ShardStore`. Returns what it measured."""
     from sparkml_dist.models import build_model
@@ -79,6 +83,9 @@ def train_worker(task: WorkerTask, worker: int, train: Any) -> dict[str, Any]:
         epoch, order = -1, np.empty(0, np.int64)
         t_begin = time.monotonic()
         for step in range(start, task.total_steps):
+            if task.crash is not None and task.crash == (worker, step, attempt):
+                log.error("TEST fault injection: worker %d exits at step %d", worker, step)
+                os._exit(17)
             t0 = time.time()
             e, s = divmod(step, task.steps_per_epoch)
             if e != epoch:
@@ -138,7 +145,7 @@ def run_worker_task(task: WorkerTask, batches: Iterator[pa.RecordBatch]
     train, _ = next(iter(shards.values()))
     log.info("parameter-server worker %d (attempt %d) holds %d training rows", worker, attempt,
              len(train))
-    rep = train_worker(task, worker, train)
+    rep = train_worker(task, worker, train, attempt)
     rep["attempt"] = attempt
     yield pa.RecordBatch.from_pylist([{"worker": worker, "attempt": attempt,
                                        "report": json.dumps(rep)}], schema=RESULT_SCHEMA)

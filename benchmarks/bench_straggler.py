@@ -1,0 +1,151 @@
+"""Training with a straggler: one rank slowed 2x by a sleep in every training forward pass.
+
+Runs on local Spark (2 workers, digits, an MLP) through ``sparkml_dist.fit``, all strategies on
+the same prepared data, with the same straggler mechanism (the model factory below sleeps
+``sleep_s`` per training forward on rank ``straggler``; ``sleep_s`` is the measured step time
+of synchronous allreduce without a straggler, so the straggler's steps take about twice as long):
+
+1. Straggler: samples/s of parameter-server ``async`` and ``ssp`` and of ``gossip`` against
+   synchronous allreduce (``data_parallel``). Goal: >= 1.5x within 1.5 points of accuracy.
+2. No straggler: parameter-server ``sync`` against allreduce. Goal: >= 0.8x.
+
+samples/s: for allreduce and gossip the library's ``perf/samples_per_s`` (median over windows,
+rank 0; its steps wait for the straggler); for the parameter servers
+``ps/aggregate_samples_per_s`` (the sum of the workers' own rates: what the job consumes while
+every worker runs) and, beside it, ``ps/samples_per_s`` (all samples over the whole stage, which
+the straggler's last steps bound, since every worker owns a fixed shard).
+
+Writes one JSON line to ``benchmarks/results/straggler.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import BENCH_DIR, setup_env, spark_session, write_result
+
+
+def slow_mlp(in_features: int, num_outputs: int, hidden: list[int], straggler: int = -1,
+             sleep_s: float = 0.0):
+    """``sparkml_dist.models.mlp`` whose training forward sleeps ``sleep_s`` on the Spark task
+    with partition id ``straggler`` (rank or parameter-server worker)."""
+    import torch
+
+    from sparkml_dist.models import mlp
+
+    class Slow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp(in_features, num_outputs, hidden=hidden)
+
+        def forward(self, x):
+            if self.training and sleep_s > 0:
+                from pyspark import TaskContext
+
+                ctx = TaskContext.get()
+                if ctx is not None and ctx.partitionId() == straggler:
+                    time.sleep(sleep_s)
+            return self.net(x)
+
+    return Slow()
+
+
+def _fit(df, uri: str, args, kind: dict[str, Any], straggler: int, sleep_s: float
+         ) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    from sparkml_dist import fit
+
+    t0 = time.monotonic()
+    res = fit(df, **{
+        "data.features_col": "features", "data.val_fraction": 0.2,
+        "training.epochs": args.epochs, "training.num_workers": 2,
+        "training.batch_size": args.batch_size, "training.seed": 7,
+        "optimizer.name": "sgd", "optimizer.lr": 0.1, "optimizer.momentum": 0.5,
+        "model.factory": "bench_straggler:slow_mlp",
+        "model.kwargs": {"hidden": args.hidden, "straggler": straggler, "sleep_s": sleep_s},
+        "checkpoint.enabled": False, "tracking.tracking_uri": uri, "tracking.progress": False,
+        "tracking.log_model": False, **kind})
+    m = dict(res.metrics)
+    out = {"val_accuracy": m.get("val/accuracy"), "fit_s": time.monotonic() - t0}
+    if kind["strategy.kind"] == "parameter_server":
+        out["samples_per_s"] = m["ps/aggregate_samples_per_s"]
+        out["stage_samples_per_s"] = m["ps/samples_per_s"]
+        out["staleness_mean"] = m["ps/staleness_mean"]
+        out["worker_steps_per_s"] = [m["ps/worker_0/steps_per_s"], m["ps/worker_1/steps_per_s"]]
+    else:
+        client = MlflowClient(uri)
+        rates = [x.value for x in client.get_metric_history(res.run_id, "perf/samples_per_s")]
+        steps = [x.value for x in client.get_metric_history(res.run_id, "time/step_s")]
+        out["samples_per_s"] = statistics.median(rates)
+        out["step_s"] = statistics.median(steps)
+    return out
+
+
+KINDS = {
+    "allreduce": {"strategy.kind": "data_parallel"},
+    "ps_sync": {"strategy.kind": "parameter_server", "strategy.mode": "sync"},
+    "ps_async": {"strategy.kind": "parameter_server", "strategy.mode": "async"},
+    "ps_ssp": {"strategy.kind": "parameter_server", "strategy.mode": "ssp",
+               "strategy.staleness": 4},
+    "gossip": {"strategy.kind": "gossip", "strategy.topology": "ring"},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
+    args = p.parse_args()
+    setup_env()
+    os.environ["PYTHONPATH"] = os.pathsep.join(  # executors import slow_mlp from here
+        [str(BENCH_DIR)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    sys.path.insert(0, str(BENCH_DIR))
+    logging.basicConfig(level=logging.WARNING)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_straggler_"))
+    from sparkml_dist.datasets import write_digits_parquet
+
+    spark = spark_session("bench_straggler")
+    df = spark.read.parquet(str(write_digits_parquet(tmp / "digits.parquet")))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    _fit(df, uri, args, KINDS["allreduce"], -1, 0.0)  # warm-up: JVM, MLflow store, caches
+    base = {name: _fit(df, uri, args, KINDS[name], -1, 0.0) for name in ("allreduce", "ps_sync")}
+    sleep_s = base["allreduce"]["step_s"]
+    slow = {name: _fit(df, uri, args, kind, 1, sleep_s) for name, kind in KINDS.items()
+            if name != "ps_sync"}
+    ref = slow["allreduce"]
+    record = {
+        "setup": {"data": "digits (1797 rows, 20% validation)", "workers": 2,
+                  "epochs": args.epochs, "batch_size": args.batch_size, "hidden": args.hidden,
+                  "spark": "local[2]", "straggler": "rank 1 sleeps sleep_s per training forward",
+                  "sleep_s": sleep_s, "ssp_staleness": KINDS["ps_ssp"]["strategy.staleness"]},
+        "no_straggler": {**base, "ps_sync_vs_allreduce": base["ps_sync"]["samples_per_s"]
+                         / base["allreduce"]["samples_per_s"], "goal": ">= 0.8"},
+        "straggler": {**slow, "goal": ">= 1.5x allreduce within 1.5 accuracy points",
+                      "speedup_vs_allreduce": {k: v["samples_per_s"] / ref["samples_per_s"]
+                                               for k, v in slow.items() if k != "allreduce"},
+                      "accuracy_gap_points": {k: 100 * (v["val_accuracy"] - ref["val_accuracy"])
+                                              for k, v in slow.items() if k != "allreduce"}},
+        "runs": 1,
+    }
+    path = write_result("straggler", record)
+    print(f"sleep {sleep_s * 1e3:.2f} ms/step; no straggler: ps sync / allreduce = "
+          f"{record['no_straggler']['ps_sync_vs_allreduce']:.2f}")
+    for k, v in record["straggler"]["speedup_vs_allreduce"].items():
+        print(f"straggler: {k} {v:.2f}x allreduce, accuracy "
+              f"{record['straggler']['accuracy_gap_points'][k]:+.1f} points")
+    print(f"wrote {path}")
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
