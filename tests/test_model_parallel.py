@@ -85,6 +85,26 @@ def test_mesh_maps_ranks_and_groups():
         Mesh(1, 0, 1)
 
 
+def test_saved_tensor_meter_counts_distinct_activation_storages():
+    from sparkml_dist.strategies.model_parallel.memory import SavedTensorMeter, state_bytes
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(10, 8)
+    with SavedTensorMeter(net.parameters()) as meter:
+        net(x).sum().backward()
+    # the first linear saves its input, ReLU its output (which the second linear saves too)
+    assert meter.peak == (10 * 8 + 10 * 16) * 4 and meter.current == 0
+    with SavedTensorMeter(net.parameters()) as meter:
+        a = net(x[:5]).sum()
+        b = net(x[5:]).sum()  # both micro-batches alive: x's storage once, two ReLU outputs
+        (a + b).backward()
+    assert meter.peak == (10 * 8 + 2 * 5 * 16) * 4
+    opt = torch.optim.Adam(net.parameters())
+    opt.step()
+    n = sum(p.numel() for p in net.parameters())
+    assert state_bytes(net.parameters(), opt) == n * 4 * 4 + 4 * 4  # p, grad, 2 moments, steps
+
+
 # -- the driver refuses what cannot run ------------------------------------------------------
 
 
@@ -180,6 +200,8 @@ def test_pipeline_equals_the_reference(data, tmp_path, stages, schedule, micro):
     # same backward; the labels (int64) go from the first stage to the last.
     assert rows[-1]["comm/activation_bytes_per_step"] == 2 * (stages - 1) * 16 * 32 * 4
     assert rows[-1]["comm/input_bytes_per_step"] == 16 * 8
+    assert all(m["memory/state_bytes_max_rank"] > 0 and m["memory/saved_bytes_max_rank"] > 0
+               for m in rows)
     assert res["metrics"]["val/accuracy"] > 0.5
 
 

@@ -1,9 +1,15 @@
-"""Model parallelism through ``fit`` on local Spark: a two-stage pipeline where only the first
-stage's partition holds rows, one MLflow run with the mesh and bubble recorded, and the logged
-model equal to the stages' parts put together."""
+"""Model parallelism through ``fit`` on local Spark with the shipped ``conf/model_parallel.yaml``:
+a two-stage 1F1B pipeline where only the first stage's partition holds rows, one MLflow run with
+the mesh and bubble recorded, and the logged model equal to the stages' parts put together."""
+
+from pathlib import Path
 
 import pytest
 import torch
+
+from sparkml_dist.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_pipeline_job_through_fit_on_local_spark(spark, digits_path, tracking_uri):
@@ -12,13 +18,11 @@ def test_pipeline_job_through_fit_on_local_spark(spark, digits_path, tracking_ur
     from sparkml_dist import final_state, fit
     from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
     from sparkml_dist.training.checkpoint import load_part, part_file
-    from tests.test_fault_tolerance import ft_config
 
     df = spark.read.parquet(str(digits_path)).limit(800)
-    result = fit(df, ft_config(tracking_uri, **{
-        "model.factory": "sparkml_dist.models:deep_mlp", "model.kwargs": {"width": 32, "depth": 3},
-        "strategy.kind": "model_parallel", "strategy.pipeline_stages": 2,
-        "strategy.schedule": "1f1b", "strategy.micro_batches": 4, "tracking.log_model": True}))
+    result = fit(df, load_config(ROOT / "conf/model_parallel.yaml", [
+        f"tracking.tracking_uri={tracking_uri}", "training.epochs=3", "tracking.progress=false",
+        "checkpoint.every_steps=10"]))
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.tags["sparkml_dist.strategy"] == "model_parallel"

@@ -77,8 +77,8 @@ class ModelParallelConfig:
                "it empty to balance by parameter count.")
         bad = {k: v for k, v in dict(self.tensor_plan).items() if v not in TENSOR_STYLES}
         _check(not bad, f"strategy.tensor_plan values must be one of {', '.join(TENSOR_STYLES)}; "
-                        f"got {bad}. (Sequence parallelism is not offered: it needs "
-                        "reduce_scatter.)")
+                        f"got {bad} (other styles, e.g. sequence parallelism, are not offered "
+                        "yet).")
         _check(not self.tensor_plan or self.tensor_parallel > 1,
                "strategy.tensor_plan is set but strategy.tensor_parallel=1; set "
                "strategy.tensor_parallel to the number of shards, or drop the plan.")

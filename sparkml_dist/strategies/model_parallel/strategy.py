@@ -42,15 +42,24 @@ Metrics per window: ``pipeline/idle_share_stage<s>`` (1 - compute time / schedul
 stage ``s``, averaged over replicas), ``pipeline/idle_share`` (their mean),
 ``pipeline/ideal_bubble`` (``(p - 1) / (m + p - 1)``), ``comm/activation_bytes_per_step``
 (activations forward plus their gradients backward, summed over all ranks) and
-``comm/input_bytes_per_step`` (what readers send to their peers).
+``comm/input_bytes_per_step`` (what readers send to their peers), and, measured on the first
+step of each window (:mod:`.memory`), ``memory/state_bytes_max_rank`` (parameters, gradients and
+optimizer state of the largest rank), ``memory/saved_bytes_max_rank`` (its peak of activations
+saved for backward; not measured under tensor parallelism) and ``memory/peak_bytes_max_rank``
+(their sum, the largest over ranks).
 
 Backend: point-to-point, subgroups and a device mesh (backend.name=torch, gloo on CPU or NCCL on
-GPU); Horovod is refused on the driver. Gloo lacks ``reduce_scatter``, so plans that need it
-(sequence parallelism) are not offered.
+GPU); Horovod is refused on the driver. What the ranks could not run is refused there too,
+before anything launches, rather than left to fail or wait inside torch: schedules other than
+GPipe and 1F1B (interleaved and zero-bubble schedules are not offered), 1F1B with fewer
+micro-batches than stages, micro-batches of unequal size, tensor styles other than colwise and
+rowwise, pipeline and tensor parallelism together, and a split or plan that does not fit the
+model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any, ClassVar
@@ -68,6 +77,7 @@ from sparkml_dist.strategies.base import RankContext, Strategy, StrategyState
 from sparkml_dist.strategies.data_parallel.strategy import build_replica, user_check
 from sparkml_dist.strategies.model_parallel import tensor as tp
 from sparkml_dist.strategies.model_parallel.config import ModelParallelConfig
+from sparkml_dist.strategies.model_parallel.memory import SavedTensorMeter, state_bytes
 from sparkml_dist.strategies.model_parallel.pipeline import (
     PipelineRunner, plan_stages, stage_module)
 from sparkml_dist.training.objective import loss_fn, prepare_target
@@ -222,6 +232,8 @@ class ModelParallel(Strategy):
         self._assembled_at = -1
         self._steps = 0
         self._input_bytes = 0
+        self._measure = True  # measure memory on the first step of each metrics window
+        self._memory: tuple[int, int] | None = None  # (state bytes, peak saved bytes)
 
     @property
     def is_reader(self) -> bool:
@@ -281,18 +293,25 @@ class ModelParallel(Strategy):
     def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         x, y = self._inputs(x, y)
-        if self.pipe is not None:
-            loss = self.pipe.step(x, y)
-            loss = (loss * self.mesh.pipeline if loss is not None
-                    else torch.zeros((), device=self.ctx.device))
-        else:
-            out = self.net(x)
-            loss = self.loss(out, prepare_target(y, out, self.task))
-            loss.backward()
+        meter = SavedTensorMeter(self.params) if self._measure and self.mesh.tensor == 1 \
+            else contextlib.nullcontext()
+        with meter:
+            if self.pipe is not None:
+                loss = self.pipe.step(x, y)
+                loss = (loss * self.mesh.pipeline if loss is not None
+                        else torch.zeros((), device=self.ctx.device))
+            else:
+                out = self.net(x)
+                loss = self.loss(out, prepare_target(y, out, self.task))
+                loss.backward()
         if self.data_comm is not None:
             self._average_gradients()
         self.optimizer.step()
         self.scheduler.step()
+        if self._measure:
+            self._memory = (state_bytes(self.params, self.optimizer),
+                            meter.peak if isinstance(meter, SavedTensorMeter) else 0)
+            self._measure = False
         self._steps = step + 1
         return loss.detach()
 
@@ -383,14 +402,19 @@ class ModelParallel(Strategy):
         at each window)."""
         steps = max(1, steps)
         busy, wall, sent = self.pipe.take() if self.pipe is not None else (0.0, 0.0, 0)
-        rows = self.ctx.comm.all_gather_object((self.s, busy, wall, sent, self._input_bytes))
-        self._input_bytes = 0
+        memory = self._memory or (0, 0)
+        rows = self.ctx.comm.all_gather_object((self.s, busy, wall, sent, self._input_bytes,
+                                                *memory))
+        self._input_bytes, self._measure = 0, True
         out = {"comm/activation_bytes_per_step": sum(r[3] for r in rows) / steps,
-               "comm/input_bytes_per_step": sum(r[4] for r in rows) / steps}
+               "comm/input_bytes_per_step": sum(r[4] for r in rows) / steps,
+               "memory/state_bytes_max_rank": float(max(r[5] for r in rows)),
+               "memory/saved_bytes_max_rank": float(max(r[6] for r in rows)),
+               "memory/peak_bytes_max_rank": float(max(r[5] + r[6] for r in rows))}
         if self.mesh.pipeline > 1:
             idle = []
             for s in range(self.mesh.pipeline):
-                mine = [1.0 - b / w for st, b, w, _, _ in rows if st == s and w > 0]
+                mine = [1.0 - r[1] / r[2] for r in rows if r[0] == s and r[2] > 0]
                 if mine:
                     out[f"pipeline/idle_share_stage{s}"] = sum(mine) / len(mine)
                     idle.append(out[f"pipeline/idle_share_stage{s}"])

@@ -10,7 +10,7 @@ Language Models Using Model Parallelism", section 3). The default plan pairs the
 ``nn.Linear`` layers in order; element-wise layers between the two of a pair (ReLU, dropout) act
 on the sharded activations and need nothing.
 
-Sequence parallelism and other plans needing ``reduce_scatter`` are not offered (gloo lacks it).
+Only these two styles are offered (sequence parallelism and the others are not, yet).
 A checkpoint holds each rank's local shards (:func:`local_state`), restored into the same mesh
 by :func:`load_local_state`.
 """
