@@ -16,6 +16,9 @@ Kinds and where they live:
 - ``parameter_server``: :mod:`sparkml_dist.strategies.parameter_server` (servers started by the
   driver, workers as ordinary Spark tasks; sync, async or stale-synchronous; replicated shards),
   resume from a consistent cut, bitwise for sync.
+- ``model_parallel``: :mod:`sparkml_dist.strategies.model_parallel` (pipeline stages with GPipe or
+  1F1B, tensor-parallel shards, and replicas of either on a data x pipeline x tensor mesh), resume
+  bitwise on the same mesh.
 
 Importing this package is cheap and imports nothing else (``sparkml_dist.config`` imports the
 config modules of some strategies); the functions below load the registry on first use.
