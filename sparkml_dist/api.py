@@ -105,7 +105,7 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
     preprocessing = None
     try:
         check_prepared(cfg, prepared.train_shard_sizes, prepared.classes)
-        if cfg.data.scale != "none" or cfg.data.on_invalid == "fill":
+        if cfg.data.scale != "none" or cfg.data.on_invalid == "fill" or cfg.data.categorical_cols:
             prepared, preprocessing = _preprocess(prepared, cfg)
         prepare_s = time.perf_counter() - t_prepare
         run = JobRun(cfg, resume_run_id, force_resume=force_resume)
@@ -255,20 +255,23 @@ def best_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
 
 
 def _preprocess(prepared: Any, cfg: JobConfig) -> tuple[Any, Any]:
-    """``data.on_invalid=fill``, then ``data.scale``: each fitted on the training split and
-    applied to the prepared rows (Spark)."""
+    """``data.categorical_cols`` (one-hot), ``data.on_invalid=fill``, then ``data.scale``: each
+    fitted on the training split and applied to the prepared rows (Spark)."""
     from sparkml_dist.preprocessing import Preprocessing
-    from sparkml_dist.spark.feature_scaling import fill_prepared, fit_fill, fit_scaling, \
-        scale_prepared
+    from sparkml_dist.spark.feature_scaling import fill_prepared, fit_fill, fit_one_hot, \
+        fit_scaling, one_hot_prepared, scale_prepared
 
-    fill = scaling = None
+    fill = scaling = one_hot = None
+    if cfg.data.categorical_cols:
+        one_hot = fit_one_hot(prepared, cfg.data.feature_cols)
+        prepared = one_hot_prepared(prepared, one_hot)
     if cfg.data.on_invalid == "fill":
         fill = fit_fill(prepared, cfg.data.fill)
         prepared = fill_prepared(prepared, fill)
     if cfg.data.scale != "none":
         scaling = fit_scaling(prepared, cfg.data.scale)
         prepared = scale_prepared(prepared, scaling)
-    return prepared, Preprocessing(fill=fill, scaling=scaling)
+    return prepared, Preprocessing(fill=fill, scaling=scaling, one_hot=one_hot)
 
 
 def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, preprocessing: Any = None) -> str:
@@ -288,7 +291,7 @@ def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, preprocessing: Any
         model, example = preprocessing.wrap(model), preprocessing.example(example)
         metadata = preprocessing.model_metadata()
     return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name,
-                         metadata)
+                         metadata, raw_columns=preprocessing.one_hot if preprocessing else None)
 
 
 def _log_phase_times(run: Any, prepared: Any, prepare_s: float, finish_s: float) -> None:

@@ -64,6 +64,12 @@ class DataConfig:
     fill: Literal["mean", "median", "zero"] = "mean"
     """Under ``on_invalid=fill``: the mean or (approximate) median of the feature's non-missing
     values in the training split, or 0."""
+    categorical_cols: tuple[str, ...] = ()
+    """String columns one-hot encoded after the numeric ``feature_cols``: one 0/1 feature per
+    value seen in the training split (a null or unseen value is all zeros; a null counts as
+    invalid unless ``on_invalid=fill``). The logged model then scores raw rows by column name."""
+    max_categories: int = 20
+    """A ``categorical_cols`` column with more distinct values fails before launch."""
     scale: Literal["none", "standard", "minmax"] = "none"
     """Feature scaling fitted by Spark on the training split only and stored with the run and in
     the logged model (which then scores raw rows): ``standard`` (z-score), ``minmax`` (to
@@ -95,6 +101,15 @@ class DataConfig:
                "on the label leaks it. Remove it from the features or pick another label_col.")
         _check(self.random_buckets >= 1,
                f"data.random_buckets must be >= 1; got {self.random_buckets}.")
+        both = sorted(set(self.categorical_cols) & (set(self.feature_cols) | {self.label_col}))
+        _check(not both, f"data.categorical_cols names {both}, also in data.feature_cols or "
+               "data.label_col; list each column once.")
+        _check(not self.categorical_cols or self.features_col is None,
+               "data.categorical_cols needs the numeric features as data.feature_cols (the "
+               "logged model takes raw columns by name), not data.features_col; got "
+               f"data.features_col={self.features_col!r}.")
+        _check(isinstance(self.max_categories, int) and self.max_categories >= 1,
+               f"data.max_categories must be an integer >= 1; got {self.max_categories!r}.")
         _check(math.isfinite(self.device_cache_share) and 0 <= self.device_cache_share <= 1,
                f"data.device_cache_share must be in [0, 1]; got {self.device_cache_share}.")
         if self.task == "regression":
@@ -513,9 +528,11 @@ class JobConfig:
     def __post_init__(self) -> None:
         _check_early_stopping(self)
         if self.strategy.kind in ("federated", "parameter_server"):
-            _check(self.data.scale == "none" and self.data.on_invalid != "fill",
+            _check(self.data.scale == "none" and self.data.on_invalid != "fill"
+                   and not self.data.categorical_cols,
                    f"data.scale={self.data.scale} / data.on_invalid={self.data.on_invalid}: "
-                   f"feature scaling and the missing-value fill are not supported with "
+                   f"feature scaling, the missing-value fill and data.categorical_cols are not "
+                   f"supported with "
                    f"strategy.kind={self.strategy.kind} yet; preprocess the features before fit, "
                    "or use another strategy.")
         st = self.strategy

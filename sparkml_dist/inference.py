@@ -110,6 +110,10 @@ class ModelSpec:
     fills_missing: bool = False
     """The model fills missing values itself (``data.on_invalid=fill``): a null feature goes to
     it as NaN, instead of giving a null result."""
+    raw_columns: Any = None
+    """A :class:`~sparkml_dist.preprocessing.OneHotEncoding` when the model was trained with
+    ``data.categorical_cols``: it takes the named raw columns, string ones as vocabulary
+    indices (mapped in Spark SQL before the UDF)."""
 
     def return_type(self) -> Any:
         """The Spark struct type the UDF returns."""
@@ -169,7 +173,17 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None, task: Task
                      in_features=in_features, num_outputs=num_outputs or (len(classes) or 1),
                      task=resolved, classes=classes if resolved == "classification" else (),
                      batch_size=batch_size, allow_pickle=allow_pickle,
-                     fills_missing=(model.metadata or {}).get("fills_missing") == "true")
+                     fills_missing=(model.metadata or {}).get("fills_missing") == "true",
+                     raw_columns=_raw_columns(model.metadata or {}))
+
+
+def _raw_columns(metadata: Mapping[str, Any]) -> Any:
+    """The one-hot coding of a model logged with ``data.categorical_cols``, else None."""
+    if "raw_columns" not in metadata:
+        return None
+    from sparkml_dist.preprocessing import OneHotEncoding
+
+    return OneHotEncoding.from_json(metadata["raw_columns"])
 
 
 PT2_FILE = "model.pt2"
@@ -504,11 +518,29 @@ def predict_udf(model_uri: str, *, tracking_uri: str | None = None, batch_size: 
             raise DataError(f"got {len(cols)} feature columns, but model {spec.uri!r} expects "
                             f"{spec.in_features} features: pass one array column or "
                             f"{spec.in_features} numeric columns.")
-        return raw(*cols)
+        return raw(*(_coded(spec, cols) if spec.raw_columns is not None else cols))
 
     predict.__dict__.update(raw.__dict__)  # func, evalType...: spark.udf.register accepts it
     predict.spec = spec  # type: ignore[attr-defined]
     return predict
+
+
+def _coded(spec: ModelSpec, cols: Sequence[Any]) -> list[Any]:
+    """The raw columns of a model with one-hot columns, string ones as vocabulary indices."""
+    from pyspark.sql import functions as F
+
+    from sparkml_dist.spark.prepare import category_index
+
+    enc = spec.raw_columns
+    if len(cols) != len(enc.names):
+        raise DataError(f"model {spec.uri!r} takes its raw columns ({', '.join(enc.names)}), "
+                        f"one argument each; got {len(cols)} column(s).")
+    k = len(enc.numeric_cols)
+    out = list(cols)
+    for j, (_, vocab) in enumerate(enc.categorical):
+        col = cols[k + j]
+        out[k + j] = category_index(F.col(col) if isinstance(col, str) else col, vocab)
+    return out
 
 
 def register_predict_udf(spark: Any, name: str, model_uri: str, *,
@@ -547,7 +579,9 @@ def feature_columns(df: Any, spec: ModelSpec, features_col: str | None,
             raise DataError(f"features_col {features_col!r} has type {dtype.simpleString()}; "
                             "expected an array of numbers or an ML vector.")
         return [F.col(features_col)]
-    not_numeric = [c for c in feature_cols if not isinstance(fields[c], T.NumericType)]
+    categorical = spec.raw_columns.categories if spec.raw_columns is not None else {}
+    not_numeric = [c for c in feature_cols
+                   if not isinstance(fields[c], T.NumericType) and c not in categorical]
     if not_numeric:
         raise DataError(f"feature column {not_numeric[0]!r} has type "
                         f"{fields[not_numeric[0]].simpleString()}; feature_cols must be numeric.")

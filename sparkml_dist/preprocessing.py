@@ -1,6 +1,8 @@
-"""Feature preprocessing that travels with the model: missing-value fill (``data.on_invalid=fill``,
-:class:`MissingFill`) and feature scaling, ``x' = (x - shift) * scale`` per feature
-(``data.scale``, :class:`FeatureScaling`); :class:`Preprocessing` holds what a job fitted.
+"""Feature preprocessing that travels with the model: one-hot string columns
+(``data.categorical_cols``, :class:`OneHotEncoding`), missing-value fill
+(``data.on_invalid=fill``, :class:`MissingFill`) and feature scaling,
+``x' = (x - shift) * scale`` per feature (``data.scale``, :class:`FeatureScaling`);
+:class:`Preprocessing` holds what a job fitted.
 
 ``standard`` (z-score: shift = mean, scale = 1 / standard deviation) and ``minmax`` (shift = min,
 scale = 1 / (max - min)), with statistics from the training split only (computed by Spark in
@@ -168,15 +170,19 @@ class FilledModel(nn.Module):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What a job fitted on its training split, applied in this order: the missing-value fill,
-    then the scaling. The logged model carries both (:meth:`wrap`), so it scores raw rows."""
+    """What a job fitted on its training split, applied in this order: the one-hot expansion,
+    the missing-value fill, then the scaling. The logged model carries them (:meth:`wrap`), so
+    it scores raw rows."""
 
     fill: MissingFill | None = None
     scaling: FeatureScaling | None = None
+    one_hot: OneHotEncoding | None = None
 
     def artifacts(self) -> dict[str, str]:
         """Run artifact path -> JSON of each fitted part."""
         out = {}
+        if self.one_hot is not None:
+            out[ONE_HOT_ARTIFACT] = self.one_hot.to_json()
         if self.fill is not None:
             out[FILL_ARTIFACT] = self.fill.to_json()
         if self.scaling is not None:
@@ -184,11 +190,14 @@ class Preprocessing:
         return out
 
     def wrap(self, net: nn.Module) -> nn.Module:
-        """``net`` behind the scaling, behind the fill: takes raw rows."""
+        """``net`` behind the scaling, the fill and the one-hot expansion: takes raw (with
+        one-hot columns: coded) rows."""
         if self.scaling is not None:
             net = ScaledModel(net, self.scaling)
         if self.fill is not None:
             net = FilledModel(net, self.fill)
+        if self.one_hot is not None:
+            net = OneHotModel(net, self.one_hot)
         return net
 
     def model_metadata(self) -> dict[str, str]:
@@ -197,5 +206,104 @@ class Preprocessing:
         return {"fills_missing": "true"} if self.fill is not None else {}
 
     def example(self, x: np.ndarray) -> np.ndarray:
-        """Raw example rows with their missing values filled (for the model's input example)."""
-        return self.fill.apply(x) if self.fill is not None else np.asarray(x, dtype=np.float32)
+        """Raw (coded) example rows with their missing values filled (for the model's input
+        example)."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.fill is None:
+            return x
+        k = x.shape[1] if self.one_hot is None else len(self.one_hot.numeric_cols)
+        out = x.copy()
+        out[:, :k] = np.where(np.isnan(x[:, :k]), self.fill.array()[:k], x[:, :k])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One-hot columns: ``data.categorical_cols``
+
+ONE_HOT_ARTIFACT = "preprocessing/one_hot.json"
+"""Where the fitted vocabularies are stored in the run's artifacts."""
+
+
+@dataclass(frozen=True)
+class OneHotEncoding:
+    """Raw columns -> the rows the model trains on: the numeric columns, then one 0/1 feature per
+    category of each categorical column, in the vocabulary's (sorted) order, categories being
+    those seen in the training split; a null or unseen value is all zeros.
+
+    The logged model takes *coded* rows (:meth:`encode`): the numeric values (NaN for missing),
+    then per categorical column the index of its value in the vocabulary (-1: null or unseen);
+    :class:`OneHotModel` expands the indices. Index comparison against exact small integers in
+    float32 gives exactly 0 or 1 in Spark and torch alike.
+    """
+
+    numeric_cols: tuple[str, ...]
+    categorical: tuple[tuple[str, tuple[str, ...]], ...]
+    """``(column, vocabulary)`` per categorical column."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Raw columns in the order the model takes them."""
+        return self.numeric_cols + tuple(c for c, _ in self.categorical)
+
+    @property
+    def categories(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.categorical)
+
+    @property
+    def width(self) -> int:
+        """Features after the one-hot expansion."""
+        return len(self.numeric_cols) + sum(len(v) for _, v in self.categorical)
+
+    def encode(self, columns: list[np.ndarray]) -> np.ndarray:
+        """Coded float32 rows from one array per raw column (:attr:`names` order): numeric ones
+        as floats (NaN for missing), categorical ones as objects (str, or None/NaN missing)."""
+        n = len(columns[0]) if columns else 0
+        out = np.empty((n, len(self.names)), np.float32)
+        k = len(self.numeric_cols)
+        for j in range(k):
+            out[:, j] = np.asarray(columns[j], dtype=np.float32)
+        for j, (_, vocab) in enumerate(self.categorical):
+            index = {v: i for i, v in enumerate(vocab)}
+            out[:, k + j] = [index.get(v, -1) if isinstance(v, str) else -1
+                             for v in columns[k + j]]
+        return out
+
+    def expand(self, coded: np.ndarray) -> np.ndarray:
+        """The one-hot rows of coded rows (the reference for Spark's and :class:`OneHotModel`)."""
+        coded = np.asarray(coded, dtype=np.float32)
+        k = len(self.numeric_cols)
+        parts = [coded[:, :k]]
+        for j, (_, vocab) in enumerate(self.categorical):
+            parts.append((coded[:, k + j:k + j + 1] == np.arange(len(vocab), dtype=np.float32))
+                         .astype(np.float32))
+        return np.concatenate(parts, axis=1)
+
+    def to_json(self) -> str:
+        return json.dumps({"numeric_cols": list(self.numeric_cols),
+                           "categorical": {c: list(v) for c, v in self.categorical}})
+
+    @staticmethod
+    def from_json(text: str) -> OneHotEncoding:
+        v = json.loads(text)
+        return OneHotEncoding(numeric_cols=tuple(v["numeric_cols"]),
+                              categorical=tuple((c, tuple(vs))
+                                                for c, vs in v["categorical"].items()))
+
+
+class OneHotModel(nn.Module):
+    """``net`` behind the one-hot expansion: takes coded rows (:meth:`OneHotEncoding.encode`)."""
+
+    def __init__(self, net: nn.Module, encoding: OneHotEncoding) -> None:
+        super().__init__()
+        self.net = net
+        self.numeric = len(encoding.numeric_cols)
+        self.sizes = tuple(len(v) for _, v in encoding.categorical)
+        self.register_buffer("codes", torch.arange(max(self.sizes, default=0),
+                                                   dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [x[:, :self.numeric]]
+        for j, size in enumerate(self.sizes):
+            col = self.numeric + j
+            parts.append((x[:, col:col + 1] == self.codes[:size]).to(x.dtype))
+        return self.net(torch.cat(parts, dim=1))

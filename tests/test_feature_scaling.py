@@ -8,6 +8,7 @@ import json
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -66,17 +67,17 @@ def job(uri: str, cols: list[str]) -> JobConfig:
 
 
 def batch_job(spark, df, model_uri: str, tracking_uri: str, cols: list[str],
-              tmp_path) -> tuple[np.ndarray, np.ndarray]:
+              tmp_path) -> tuple[pd.DataFrame, np.ndarray]:
     """The batch scoring job (``jobs/predict.py``'s ``run_prediction``) on ``df`` written as
-    Parquet: the raw features it read (NaN for null) and its predictions, row for row."""
+    Parquet: the raw feature columns it read and its predictions, row for row."""
     src, out = str(tmp_path / "raw.parquet"), str(tmp_path / "scored")
     df.write.parquet(src)
     run_prediction(PredictConfig(model_uri=model_uri, tracking_uri=tracking_uri, source=src,
                                  feature_cols=tuple(cols), output=out, keep_cols=tuple(cols)),
                    spark)
     batch = spark.read.parquet(out).collect()
-    x = np.array([[np.nan if r[c] is None else r[c] for c in cols] for r in batch], np.float32)
-    return x, np.array([r["prediction"] for r in batch])
+    raw = pd.DataFrame([[r[c] for c in cols] for r in batch], columns=cols)
+    return raw, np.array([r["prediction"] for r in batch])
 
 
 def test_standardized_job_matches_sklearn_and_every_scorer_agrees(spark, raw_df, tracking_uri,
@@ -131,6 +132,7 @@ def test_standardized_job_matches_sklearn_and_every_scorer_agrees(spark, raw_df,
     by_udf = np.array([r["p"]["prediction"] for r in
                        df.select(udf(*cols).alias("p")).collect()])
     x_src, by_batch = batch_job(spark, df, result.model_uri, tracking_uri, cols, tmp_path)
+    x_src = x_src.to_numpy(np.float32)
     assert np.array_equal(by_batch, np.asarray(model.predict(x_src)).argmax(1))
     direct = np.array([[r[c] for c in cols] for r in df.collect()], dtype=np.float32)
     assert np.array_equal(by_udf, np.asarray(model.predict(direct)).argmax(1))
@@ -157,6 +159,19 @@ def test_fill_from_stats_and_apply_match_numpy():
 MISSING_SHARE = 0.15
 
 
+def fill_and_scale(prepared):
+    """The mean fill, then the standard scaling, fitted and applied as a job does: (fill,
+    scaling, the feature rows the ranks get)."""
+    from sparkml_dist.spark.feature_scaling import fill_prepared, fit_fill, fit_scaling, \
+        scale_prepared
+
+    fill = fit_fill(prepared, "mean")
+    filled = fill_prepared(prepared, fill)
+    scaling = fit_scaling(filled, "standard")
+    rows = scale_prepared(filled, scaling).frame.select(FEATURES).collect()
+    return fill, scaling, np.array([r[FEATURES] for r in rows], dtype=np.float32)
+
+
 def test_filled_and_standardized_job_every_scorer_agrees_on_rows_with_nulls(
         spark, tracking_uri, tmp_path):
     """``data.on_invalid=fill`` with ``data.scale=standard`` on raw rows where 15% of the values
@@ -169,8 +184,6 @@ def test_filled_and_standardized_job_every_scorer_agrees_on_rows_with_nulls(
     from sklearn.preprocessing import StandardScaler
 
     from sparkml_dist.preprocessing import FILL_ARTIFACT, MissingFill
-    from sparkml_dist.spark.feature_scaling import fill_prepared, fit_fill, fit_scaling, \
-        scale_prepared
     from sparkml_dist.spark.prepare import prepare
     from sparkml_dist.strategies import data_layout
 
@@ -193,18 +206,14 @@ def test_filled_and_standardized_job_every_scorer_agrees_on_rows_with_nulls(
                        dtype=np.float32)
         labels = np.array([r[LABEL] for r in got])
         train = np.array([r[SPLIT] == 0 for r in got])
-        fill = fit_fill(prepared, "mean")
-        filled = fill_prepared(prepared, fill)
-        scaling = fit_scaling(filled, "standard")
-        ranks_rows = scale_prepared(filled, scaling).frame.select(FEATURES).collect()
+        fill, scaling, ranks_rows = fill_and_scale(prepared)
     finally:
         prepared.release()
     assert len(raw) == len(x) and np.isnan(raw).any()  # the label-less row is dropped
     np.testing.assert_allclose(fill.values, np.nanmean(raw[train].astype(np.float64), 0),
                                rtol=1e-5)  # the training split only
     assert fill.missing == tuple(int(m) for m in np.isnan(raw[train]).sum(0))
-    assert np.array_equal(np.array([r[FEATURES] for r in ranks_rows], dtype=np.float32),
-                          scaling.apply(fill.apply(raw)))
+    assert np.array_equal(ranks_rows, scaling.apply(fill.apply(raw)))
 
     client = MlflowClient(tracking_uri)
     stored = MissingFill.from_json(
@@ -232,5 +241,128 @@ def test_filled_and_standardized_job_every_scorer_agrees_on_rows_with_nulls(
     by_udf = [r["p"]["prediction"] for r in src.select(udf(*cols).alias("p")).collect()]
     assert None not in by_udf and np.array_equal(np.array(by_udf), want)
     x_src, by_batch = batch_job(spark, src, result.model_uri, tracking_uri, cols, tmp_path)
+    x_src = x_src.to_numpy(np.float32)
     assert np.isnan(x_src).any()
     assert np.array_equal(by_batch, np.asarray(model.predict(x_src)).argmax(1))
+
+
+COLORS = ("blue", "green", "red", "teal")
+
+
+def test_one_hot_encoding_matches_numpy_and_the_torch_module():
+    import torch
+
+    from sparkml_dist.preprocessing import OneHotEncoding, OneHotModel
+
+    enc = OneHotEncoding(numeric_cols=("a",), categorical=(("c", ("x", "y", "z")),
+                                                           ("d", ("p",))))
+    coded = enc.encode([np.array([1.5, np.nan, 3.0], np.float32),
+                        np.array(["y", None, "unseen"], object),
+                        np.array(["p", float("nan"), "p"], object)])
+    assert np.array_equal(coded, np.array([[1.5, 1, 0], [np.nan, -1, -1], [3.0, -1, 0]],
+                                          np.float32), equal_nan=True)
+    want = np.array([[1.5, 0, 1, 0, 1], [np.nan, 0, 0, 0, 0], [3.0, 0, 0, 0, 1]], np.float32)
+    assert np.array_equal(enc.expand(coded), want, equal_nan=True) and enc.width == 5
+    model = OneHotModel(torch.nn.Identity(), enc)
+    assert np.array_equal(model(torch.from_numpy(coded)).numpy(), want, equal_nan=True)
+    assert OneHotEncoding.from_json(enc.to_json()) == enc
+
+
+def make_mixed_rows(n: int = 900, seed: int = 3) -> tuple[list[tuple], list[str]]:
+    """Two numeric columns (15% null) and a string column (null 5%); the class depends on both."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 2))
+    color = rng.integers(0, len(COLORS), size=n)
+    effect = np.array([2.0, -2.0, 0.5, -0.5])[color]
+    y = (z @ np.array([1.5, -1.0]) + effect + 0.3 * rng.normal(size=n)) > 0
+    x = z * np.array([100.0, 0.01]) + np.array([500.0, 0.0])
+    rows = []
+    for r, c, t in zip(x, color, y):
+        vals = [None if rng.random() < MISSING_SHARE else float(v) for v in r]
+        rows.append((*vals, None if rng.random() < 0.05 else COLORS[c], int(t)))
+    return rows, ["a", "b", "color"]
+
+
+def test_one_hot_job_every_scorer_agrees_on_raw_rows_with_strings_and_nulls(
+        spark, tracking_uri, tmp_path):
+    """``data.categorical_cols`` with ``on_invalid=fill`` and ``scale=standard``: the
+    vocabulary is the training split's, the ranks train on exactly
+    ``scale(fill(one_hot(raw)))``, and the logged pyfunc model (a pandas DataFrame of raw
+    columns with strings and nulls), the UDF and the batch job give identical predictions."""
+    from sklearn.compose import make_column_transformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from sparkml_dist.preprocessing import ONE_HOT_ARTIFACT, OneHotEncoding
+    from sparkml_dist.spark.feature_scaling import fit_one_hot, one_hot_prepared
+    from sparkml_dist.spark.prepare import prepare
+    from sparkml_dist.strategies import data_layout
+
+    rows, cols = make_mixed_rows()
+    df = spark.createDataFrame(rows, "a double, b double, color string, label long")
+    cfg = job(tracking_uri, ["a", "b"]).replace(**{
+        "data.categorical_cols": ["color"], "data.on_invalid": "fill"})
+    result = fit(df, cfg)
+
+    prepared = prepare(spark, df, cfg.data, data_layout(cfg), cfg.training.seed)
+    try:
+        assert prepared.categories == (("color", COLORS),)  # every value, for the coding
+        got = prepared.frame.select(FEATURES, LABEL, SPLIT).collect()
+        coded = np.array([[np.nan if v is None else v for v in r[FEATURES]] for r in got],
+                         dtype=np.float32)
+        labels = np.array([r[LABEL] for r in got])
+        train = np.array([r[SPLIT] == 0 for r in got])
+        enc = fit_one_hot(prepared, ("a", "b"))
+        fill, scaling, ranks_rows = fill_and_scale(one_hot_prepared(prepared, enc))
+    finally:
+        prepared.release()
+    seen = sorted({COLORS[int(g)] for g in coded[train, 2] if g >= 0})
+    assert enc.categorical == (("color", tuple(seen)),)  # from the training split
+    # Training codes index all values; the model's index its vocabulary: the same here.
+    assert np.array_equal(ranks_rows, scaling.apply(fill.apply(enc.expand(coded))))
+    stored = OneHotEncoding.from_json(open(MlflowClient(tracking_uri).download_artifacts(
+        result.run_id, ONE_HOT_ARTIFACT, str(tmp_path))).read())
+    assert stored == enc
+
+    frame = pd.DataFrame([r[:3] for r in rows], columns=cols)
+    truth = np.array([r[3] for r in rows])
+    ref = make_pipeline(
+        make_column_transformer((make_pipeline(SimpleImputer(), StandardScaler()), ["a", "b"]),
+                                (OneHotEncoder(handle_unknown="ignore"), ["color"])),
+        LogisticRegression())
+    # scikit-learn's imputer + scaler + one-hot + logistic regression on a 75/25 cut of the
+    # rows (not the job's split): a yardstick for the accuracy, with a looser tolerance.
+    cut = int(0.75 * len(rows))
+    ref_acc = ref.fit(frame.fillna({"color": "none"})[:cut], truth[:cut]).score(
+        frame.fillna({"color": "none"})[cut:], truth[cut:])
+    assert result.metrics["val/accuracy"] >= ref_acc - 0.05, (result.metrics, ref_acc)
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    by_model = np.asarray(model.predict(frame)).argmax(1)
+    assert (by_model == truth).mean() > 0.8
+    udf = predict_udf(result.model_uri, tracking_uri=tracking_uri)
+    ordered = df.orderBy("a", "b", "color").collect()
+    by_udf = [r["p"]["prediction"] for r in
+              df.orderBy("a", "b", "color").select(udf(*cols).alias("p")).collect()]
+    want = np.asarray(model.predict(pd.DataFrame([r[:3] for r in ordered], columns=cols)))
+    assert None not in by_udf and np.array_equal(np.array(by_udf), want.argmax(1))
+    raw, by_batch = batch_job(spark, df, result.model_uri, tracking_uri, cols, tmp_path)
+    assert raw["color"].isna().any() and raw["a"].isna().any()
+    assert np.array_equal(by_batch, np.asarray(model.predict(raw)).argmax(1))
+
+
+def test_a_string_column_with_too_many_values_fails_before_launch(spark, tracking_uri):
+    from sparkml_dist.errors import DataError
+
+    rows = [(float(i), f"id-{i % 30}", i % 2) for i in range(120)]
+    df = spark.createDataFrame(rows, "a double, user string, label long")
+    cfg = job(tracking_uri, ["a"]).replace(**{"data.categorical_cols": ["user"],
+                                              "data.max_categories": 25, "data.scale": "none"})
+    with pytest.raises(DataError, match=r"'user' has more than 25 distinct values "
+                                        r"\(data.max_categories\)"):
+        fit(df, cfg)
+    assert not MlflowClient(tracking_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()])

@@ -19,7 +19,8 @@ from pyspark.sql import functions as F
 
 from sparkml_dist.data.shard_store import FEATURES, SPLIT
 from sparkml_dist.errors import DataError
-from sparkml_dist.preprocessing import FeatureScaling, FillKind, MissingFill, ScaleKind
+from sparkml_dist.preprocessing import FeatureScaling, FillKind, MissingFill, OneHotEncoding, \
+    ScaleKind
 from sparkml_dist.spark.prepare import PreparedData, _persist
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,47 @@ def fill_prepared(prepared: PreparedData, fill: MissingFill) -> PreparedData:
     frame = prepared.frame.withColumn(FEATURES, F.transform(
         FEATURES, lambda x, i: F.when(F.isnan(x) | x.isNull(), F.element_at(values, i + 1)).otherwise(x)))
     return _replaced(prepared, frame)
+
+
+def fit_one_hot(prepared: PreparedData, numeric_cols: tuple[str, ...]) -> OneHotEncoding:
+    """Each categorical column's vocabulary: its distinct values in the TRAINING rows (sorted);
+    values only in validation rows are unknown to the model, as at scoring time."""
+    k = prepared.in_features - len(prepared.categories)
+    rows = (_train_values(prepared).where((F.col("i") >= k) & (F.col("v") >= 0))
+            .select("i", "v").distinct().collect())
+    seen: dict[int, set[int]] = {}
+    for r in rows:
+        seen.setdefault(int(r["i"]) - k, set()).add(int(r["v"]))
+    categorical = tuple((name, tuple(values[g] for g in sorted(seen.get(j, ()))))
+                        for j, (name, values) in enumerate(prepared.categories))
+    for name, vocab in categorical:
+        log.info("data.categorical_cols: %r one-hot encoded as %d categories", name, len(vocab))
+    return OneHotEncoding(numeric_cols=tuple(numeric_cols), categorical=categorical)
+
+
+def one_hot_prepared(prepared: PreparedData, encoding: OneHotEncoding) -> PreparedData:
+    """``prepared`` with each categorical index expanded into 0/1 features of the training
+    vocabulary (all zeros for a null or validation-only value), persisted; the example rows
+    are recoded to the vocabulary indices the logged model takes."""
+    k = len(encoding.numeric_cols)
+    parts = [F.slice(FEATURES, 1, k)] if k else []
+    remap = []
+    for j, ((name, vocab), (_, values)) in enumerate(zip(encoding.categorical,
+                                                          prepared.categories)):
+        index = {v: float(i) for i, v in enumerate(values)}
+        code = F.element_at(FEATURES, k + j + 1)
+        if vocab:
+            parts.append(F.array(*[(code == F.lit(index[v]).cast("float")).cast("float")
+                                   for v in vocab]))
+        local = {index[v]: i for i, v in enumerate(vocab)}
+        remap.append(lambda g, local=local: float(local.get(float(g), -1)))
+    frame = prepared.frame.withColumn(FEATURES, F.concat(*parts))
+    example = np.asarray(prepared.example_features, dtype=np.float32).copy()
+    for j, fn in enumerate(remap):
+        example[:, k + j] = [fn(g) for g in example[:, k + j]]
+    out = _replaced(prepared, frame)
+    return dataclasses.replace(out, in_features=encoding.width, example_features=example,
+                               categories=())
 
 
 def _replaced(prepared: PreparedData, frame: DataFrame) -> PreparedData:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,9 @@ class Assembled:
     """Rows dropped for null/NaN values (``data.on_invalid=drop``)."""
     class_counts: dict[Any, int]
     """Valid rows per class (classification), keyed by the original label; empty for regression."""
+    categories: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """``(column, sorted distinct values over all rows)`` per ``data.categorical_cols`` column:
+    its feature holds the value's index here (-1: null)."""
 
     @property
     def num_outputs(self) -> int:
@@ -102,6 +105,9 @@ class PreparedData:
     layout and persisting)."""
     persisted: tuple[DataFrame, ...] = ()
     """Frames this preparation persisted; :meth:`release` unpersists them."""
+    categories: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """As :attr:`Assembled.categories`: the coding of the categorical features (the last
+    ``len(categories)`` of ``in_features``) until the one-hot expansion replaces them."""
 
     @property
     def num_outputs(self) -> int:
@@ -138,10 +144,44 @@ def read_source(spark: SparkSession, cfg: DataConfig) -> DataFrame:
     return reader.format(fmt).load(cfg.source)
 
 
-def _feature_columns(df: DataFrame, cfg: DataConfig) -> list[Column]:
-    """Feature expressions, each an ``array<float>``, in configured order."""
+def category_index(col: Column, vocabulary: tuple[str, ...]) -> Column:
+    """The index of ``col``'s value in ``vocabulary`` as a float, -1 for null or absent."""
+    position = F.array_position(F.array(*[F.lit(v) for v in vocabulary]), col)
+    return F.coalesce(position - 1, F.lit(-1)).cast("float")
+
+
+def _categories(df: DataFrame, cfg: DataConfig) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Sorted distinct values of each ``data.categorical_cols`` column (at most
+    ``data.max_categories``, or a DataError naming the setting)."""
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    out = []
+    for name in cfg.categorical_cols:
+        if name not in fields:
+            raise DataError(f"column {name!r} not found; columns are: {', '.join(fields)}. Set "
+                            "data.categorical_cols.")
+        if not isinstance(fields[name], T.StringType):
+            raise DataError(f"categorical column {name!r} has type "
+                            f"{fields[name].simpleString()}; data.categorical_cols takes string "
+                            "columns. Cast it to string, or list a numeric one in "
+                            "data.feature_cols.")
+        values = [r[0] for r in df.select(name).where(F.col(name).isNotNull()).distinct()
+                  .limit(cfg.max_categories + 1).collect()]
+        if len(values) > cfg.max_categories:
+            raise DataError(f"categorical column {name!r} has more than {cfg.max_categories} "
+                            "distinct values (data.max_categories): one-hot encoding is for "
+                            "low-cardinality columns. Raise data.max_categories, or drop the "
+                            "column from data.categorical_cols.")
+        out.append((name, tuple(sorted(values))))
+    return tuple(out)
+
+
+def _feature_columns(df: DataFrame, cfg: DataConfig,
+                     categories: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> list[Column]:
+    """Feature expressions, each an ``array<float>``, in configured order (categorical columns
+    last, as indices into ``categories``)."""
     fields = {f.name: f.dataType for f in df.schema.fields}
     wanted = list(cfg.feature_cols) + ([cfg.features_col] if cfg.features_col else [])
+    wanted += list(cfg.categorical_cols)
     if not wanted:
         raise DataError("no features configured: set data.feature_cols (numeric columns) and/or "
                         f"data.features_col (an array or vector column); columns are: "
@@ -155,7 +195,8 @@ def _feature_columns(df: DataFrame, cfg: DataConfig) -> list[Column]:
     for name in cfg.feature_cols:
         if not isinstance(fields[name], _NUMERIC):
             raise DataError(f"feature column {name!r} has type {fields[name].simpleString()}; "
-                            "features must be numeric. Cast it, or drop it from data.feature_cols.")
+                            "features must be numeric. Cast it, drop it from data.feature_cols, "
+                            "or one-hot encode it: list it in data.categorical_cols instead.")
         exprs.append(F.array(F.col(name).cast("float")))
     if cfg.features_col:
         dtype = fields[cfg.features_col]
@@ -170,6 +211,7 @@ def _feature_columns(df: DataFrame, cfg: DataConfig) -> list[Column]:
             raise DataError(f"data.features_col {cfg.features_col!r} has type "
                             f"{dtype.simpleString()}; expected an array of numbers or an ML "
                             "vector.")
+    exprs += [F.array(category_index(F.col(name), vocab)) for name, vocab in categories]
     return exprs
 
 
@@ -181,6 +223,8 @@ def _invalid_flags(df: DataFrame, cfg: DataConfig, label_numeric: bool) -> dict[
     for name in cfg.feature_cols:
         c = F.col(name)
         flags[name] = c.isNull() | F.isnan(c.cast("double"))
+    for name in cfg.categorical_cols:  # a null category encodes as all zeros under fill
+        flags[name] = F.col(name).isNull()
     if cfg.features_col:
         c = F.col(FEATURES)
         flags[cfg.features_col] = c.isNull() | F.exists(c, lambda x: x.isNull() | F.isnan(x))
@@ -231,7 +275,8 @@ def assemble(spark: SparkSession, df: DataFrame, cfg: DataConfig, *,
         DataError: a missing or mistyped column, null/NaN values with ``on_invalid=error``, an
             empty dataset, uneven feature widths, or a single class.
     """
-    exprs = _feature_columns(df, cfg)
+    categories = _categories(df, cfg)
+    exprs = _feature_columns(df, cfg, categories)
     missing = [c for c in keep if c not in df.columns]
     if missing:
         raise DataError(f"column {missing[0]!r} to keep not found; columns are: "
@@ -242,7 +287,8 @@ def assemble(spark: SparkSession, df: DataFrame, cfg: DataConfig, *,
         raise DataError(f"label column {cfg.label_col!r} has type {label_type.simpleString()}; "
                         "regression needs a numeric label. Set data.task=classification?")
     sources = list(dict.fromkeys(list(cfg.feature_cols) + [cfg.label_col]
-                                 + ([cfg.features_col] if cfg.features_col else []) + list(keep)))
+                                 + ([cfg.features_col] if cfg.features_col else [])
+                                 + list(cfg.categorical_cols) + list(keep)))
     base = df.select(*[F.col(c) for c in sources])
     base = base.withColumn(FEATURES, F.flatten(F.array(*exprs)) if len(exprs) > 1 else exprs[0])
     flags = _invalid_flags(base, cfg, label_numeric)
@@ -289,7 +335,7 @@ def assemble(spark: SparkSession, df: DataFrame, cfg: DataConfig, *,
         label = F.col(cfg.label_col).cast("float")
     frame = base.select(F.col(FEATURES), label.alias(LABEL), *[F.col(c) for c in keep])
     return Assembled(frame=frame, in_features=wmin, classes=classes, rows=valid_n,
-                     dropped_rows=bad, class_counts=class_counts)
+                     dropped_rows=bad, class_counts=class_counts, categories=categories)
 
 
 def _hash_aligned_keys(spark: SparkSession, num_partitions: int) -> list[int]:
@@ -505,4 +551,6 @@ def prepare(spark: SparkSession, df: DataFrame, cfg: DataConfig, layout: DataLay
                        lambda key: _spark_conf(spark, key), master)
     prepared = split_and_shard(spark, assembled, cfg, layout, seed)
     prepared.timings["assemble_s"] = assemble_s
+    if assembled.categories:
+        prepared = replace(prepared, categories=assembled.categories)
     return prepared

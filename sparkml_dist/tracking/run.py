@@ -157,9 +157,11 @@ class JobRun:
 
     def log_model(self, model: Any, example: Any, classes: tuple[Any, ...],
                   registered_model_name: str | None,
-                  metadata: dict[str, str] | None = None) -> str:
+                  metadata: dict[str, str] | None = None, raw_columns: Any = None) -> str:
         """Log the final model with a signature and input example (and ``metadata`` next to the
-        classes in its MLmodel); return its model URI."""
+        classes in its MLmodel); return its model URI. ``raw_columns`` (a
+        :class:`~sparkml_dist.preprocessing.OneHotEncoding`): the model takes coded rows, and
+        its pyfunc raw rows by column name (:mod:`sparkml_dist.tracking.raw_rows`)."""
         import torch
         from mlflow.models import infer_signature
 
@@ -173,7 +175,7 @@ class JobRun:
         mlflow.set_tracking_uri(self.tracking_uri)
         try:
             info = self._log_model_in_run(model, signature, example, classes, registered_model_name,
-                                          metadata or {})
+                                          metadata or {}, raw_columns)
         finally:
             mlflow.set_tracking_uri(previous)
             if previous_env is None:
@@ -185,18 +187,26 @@ class JobRun:
 
     def _log_model_in_run(self, model: Any, signature: Any, example: Any,
                           classes: tuple[Any, ...], registered_model_name: str | None,
-                          metadata: dict[str, str]) -> Any:
+                          metadata: dict[str, str], raw_columns: Any = None) -> Any:
         import mlflow.pytorch
         import torch
 
+        kwargs = dict(
+            signature=signature, input_example=example,
+            registered_model_name=registered_model_name,
+            # Named here rather than inferred: inference imports the model in a subprocess.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            metadata={"classes": json.dumps([_plain(c) for c in classes]), **metadata})
         with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", signature=signature, input_example=example,
-                registered_model_name=registered_model_name,
-                # Named here rather than inferred: inference imports the model in a subprocess.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-                metadata={"classes": json.dumps([_plain(c) for c in classes]), **metadata})
-        return info
+            if raw_columns is None:
+                return mlflow.pytorch.log_model(model, name="model", **kwargs)
+            from mlflow.models import Model
+
+            from sparkml_dist.tracking import raw_rows
+
+            return Model.log(artifact_path=None, name="model", flavor=raw_rows,
+                             pytorch_model=model, raw_columns=raw_columns,
+                             serialization_format="pt2", **kwargs)
 
 
 def _check_owner(run: Any, force: bool) -> None:
