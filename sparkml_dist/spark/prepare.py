@@ -547,7 +547,8 @@ def prepare(spark: SparkSession, df: DataFrame, cfg: DataConfig, layout: DataLay
     assemble_s = time.perf_counter() - t0
     # Before the second pass: fail if a rank's shard cannot fit its Python worker.
     master = _spark_conf(spark, "spark.master") or ""
-    check_shard_memory(cfg, assembled.rows, assembled.in_features, layout,
+    width = assembled.in_features + sum(len(v) - 1 for _, v in assembled.categories)  # one-hot
+    check_shard_memory(cfg, assembled.rows, width, layout,
                        lambda key: _spark_conf(spark, key), master)
     prepared = split_and_shard(spark, assembled, cfg, layout, seed)
     prepared.timings["assemble_s"] = assemble_s
