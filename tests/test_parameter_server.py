@@ -290,3 +290,34 @@ def test_a_lost_server_without_replica_is_an_error_naming_it(data):
     msg = str(errors[0])
     assert isinstance(errors[0], ServerLost)
     assert f"shard 0 primary at {procs[0]['address']}" in msg and "strategy.replicas=1" in msg
+
+
+def test_a_server_exits_when_its_driver_is_gone(tmp_path):
+    """A driver killed without stopping its servers leaves none behind."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import os, sys\n"
+        "from sparkml_dist.config import JobConfig\n"
+        "from sparkml_dist.strategies.parameter_server.plan import plan_job\n"
+        "from sparkml_dist.strategies.parameter_server.processes import ServerGroup\n"
+        "cfg = JobConfig().replace(**{'strategy.kind': 'parameter_server'})\n"
+        "plan = plan_job(cfg, 8, 3, [10, 10])\n"
+        "g = ServerGroup('127.0.0.1', os.urandom(32))\n"
+        "g.start(plan.specs, plan.initial_values(), 0)\n"
+        "print(g.describe()[0]['pid'], flush=True)\n"
+        "os._exit(0)  # no stop()\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    pid = int(out.split()[0])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"server {pid} outlived its driver")

@@ -5,7 +5,8 @@ Started by the driver as ``python -m sparkml_dist.strategies.parameter_server.se
 :class:`~.shard.ShardSpec`, the shard's initial values and, on resume, the state of the cut it
 continues from; the job secret (hex) arrives on
 stdin, never in arguments or the environment. The process binds ``host:0`` and prints
-``READY <port>`` on stdout; then it serves until told ``shutdown`` or killed.
+``READY <port>`` on stdout; then it serves until told ``shutdown``, killed, or its driver is
+gone (it watches its parent process).
 
 Requests (JSON header, raw float32 body, see :mod:`.wire`):
 
@@ -152,6 +153,23 @@ def serve(spec: ShardSpec, values: list[Any], secret: bytes, host: str,
         srv.server_close()
 
 
+def _exit_with_parent(interval_s: float = 1.0) -> None:
+    """Exit when the driver that started this server is gone (killed without stopping its
+    servers), so no server outlives its job."""
+    import os
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                log.error("the driver (pid %d) is gone; this server exits", parent)
+                os._exit(3)
+
+    threading.Thread(target=watch, name="sparkml_dist-ps-parent", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
     import torch
 
@@ -166,6 +184,7 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(f"READY {port}\n")
         sys.stdout.flush()
 
+    _exit_with_parent()
     t0 = time.monotonic()
     serve(spec, list(raw["values"]), secret, raw["host"], ready, raw.get("restore"))
     log.info("shard %d %s stopped after %.1f s", spec.shard, spec.role, time.monotonic() - t0)
