@@ -105,6 +105,17 @@ def test_saved_tensor_meter_counts_distinct_activation_storages():
     assert state_bytes(net.parameters(), opt) == n * 4 * 4 + 4 * 4  # p, grad, 2 moments, steps
 
 
+def test_default_tensor_plan_pairs_linear_layers_with_only_elementwise_ones_between():
+    from sparkml_dist.models import deep_mlp, mlp
+    from sparkml_dist.strategies.model_parallel.tensor import default_plan
+
+    assert default_plan(mlp(64, 10, hidden=[32, 16])) == {"0": "colwise", "2": "rowwise"}
+    assert default_plan(mlp(64, 10, hidden=[32, 16, 8], dropout=0.1)) == {
+        "0": "colwise", "3": "rowwise", "6": "colwise", "9": "rowwise"}
+    # layer norms and residual blocks would see a slice of the activations: nothing is paired
+    assert default_plan(deep_mlp(64, 10)) == {}
+
+
 # -- the driver refuses what cannot run ------------------------------------------------------
 
 
@@ -148,6 +159,9 @@ def mp_job(world: int = 2, epochs: int = 2, **extra) -> JobConfig:
       "strategy.tensor_plan": {"1": "colwise"}},
      r"strategy.tensor_plan names '1' \(colwise\), which is ReLU of sparkml_dist.models:mlp; "
      r"plan nn.Linear layers only: 0, 2"),
+    ({"strategy.pipeline_stages": 1, "strategy.tensor_parallel": 2},
+     r"strategy.tensor_parallel=2: the model \(sparkml_dist.models:deep_mlp\) has no two "
+     r"nn.Linear layers with only element-wise layers between them"),
 ])
 def test_driver_refuses_with_the_setting_named(overrides, expected):
     with pytest.raises(ConfigError, match=expected):

@@ -53,9 +53,9 @@ class ModelParallelConfig:
     tensor_plan: Mapping[str, str] = field(default_factory=dict)
     """Tensor parallelism: module name (as in ``model.named_modules()``) -> ``colwise`` or
     ``rowwise`` (torch's ColwiseParallel / RowwiseParallel on an ``nn.Linear``); a ``colwise``
-    layer is followed by its ``rowwise`` partner. Empty: consecutive pairs of the model's
-    ``nn.Linear`` layers, the first colwise and the second rowwise (an odd last one stays
-    whole)."""
+    layer is followed by its ``rowwise`` partner. Empty: pairs of ``nn.Linear`` children of an
+    ``nn.Sequential`` with only element-wise layers (ReLU, dropout...) between them, the first
+    colwise and the second rowwise; other layers stay whole."""
 
     def __post_init__(self) -> None:
         for name in ("pipeline_stages", "tensor_parallel", "data_parallel", "micro_batches"):

@@ -110,7 +110,10 @@ class PipelineRunner:
         self.stage_index, self.stages, self.task = stage, stages, task
         self.batch_size = batch_size
         self.busy_s = 0.0
+        """Compute: forward and backward of every micro-batch (the strategy adds its optimizer
+        step)."""
         self.wall_s = 0.0
+        """The whole training step, waits included (kept by the strategy)."""
         self.sent_bytes = 0
         criterion = loss_fn(task, reduction="sum")
 
@@ -130,7 +133,6 @@ class PipelineRunner:
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
         """Forward and backward of one batch over the micro-batches (gradients accumulate into
         the stage's parameters); the batch's mean loss on the last stage, else None."""
-        t0 = time.perf_counter()
         losses: list[torch.Tensor] = []
         if self.stage_index == 0:
             self.schedule.step(x)
@@ -138,7 +140,6 @@ class PipelineRunner:
             self.schedule.step(target=y, losses=losses)
         else:
             self.schedule.step()
-        self.wall_s += time.perf_counter() - t0
         return torch.stack(losses).sum().detach() if losses else None
 
     def take(self) -> tuple[float, float, int]:

@@ -38,8 +38,10 @@ Checkpoint: each rank's part is its stage's (or shards') parameters, optimizer a
 the mesh is in the job fingerprint, so resuming on another mesh is refused by the loop with the
 settings that differ. Resume guarantee: bitwise on the same mesh.
 
-Metrics per window: ``pipeline/idle_share_stage<s>`` (1 - compute time / schedule wall time of
-stage ``s``, averaged over replicas), ``pipeline/idle_share`` (their mean),
+Metrics per window: ``pipeline/idle_share_stage<s>`` (1 - compute time / wall time of stage
+``s``'s training steps, averaged over replicas; compute is the forward and backward of every
+micro-batch plus the optimizer step, wall time the whole step with its waits: for the labels,
+the schedule's receives and sends, the gradient all_reduce), ``pipeline/idle_share`` (their mean),
 ``pipeline/ideal_bubble`` (``(p - 1) / (m + p - 1)``), ``comm/activation_bytes_per_step``
 (activations forward plus their gradients backward, summed over all ranks) and
 ``comm/input_bytes_per_step`` (what readers send to their peers), and, measured on the first
@@ -62,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from typing import Any, ClassVar
 
 import torch
@@ -291,6 +294,7 @@ class ModelParallel(Strategy):
         return x, y
 
     def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         x, y = self._inputs(x, y)
         meter = SavedTensorMeter(self.params) if self._measure and self.mesh.tensor == 1 \
@@ -306,8 +310,13 @@ class ModelParallel(Strategy):
                 loss.backward()
         if self.data_comm is not None:
             self._average_gradients()
+        t_opt = time.perf_counter()
         self.optimizer.step()
         self.scheduler.step()
+        if self.pipe is not None:  # the bubble: this step's wall time against its compute
+            now = time.perf_counter()
+            self.pipe.busy_s += now - t_opt
+            self.pipe.wall_s += now - t0
         if self._measure:
             self._memory = (state_bytes(self.params, self.optimizer),
                             meter.peak if isinstance(meter, SavedTensorMeter) else 0)

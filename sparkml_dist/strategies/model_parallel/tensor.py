@@ -6,9 +6,9 @@ of the activations from the whole input), ``RowwiseParallel`` its input features
 multiplies its slice and the partial products are summed by an all_reduce, so the output is
 whole again). A ``colwise`` layer followed by its ``rowwise`` partner costs one all_reduce
 forward and one backward (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter
-Language Models Using Model Parallelism", section 3). The default plan pairs the model's
-``nn.Linear`` layers in order; element-wise layers between the two of a pair (ReLU, dropout) act
-on the sharded activations and need nothing.
+Language Models Using Model Parallelism", section 3). The default plan (:func:`default_plan`)
+pairs ``nn.Linear`` children of an ``nn.Sequential`` with only element-wise layers (ReLU,
+dropout...) between them, which act on the sharded activations unchanged.
 
 Only these two styles are offered (sequence parallelism and the others are not, yet).
 A checkpoint holds each rank's local shards (:func:`local_state`), restored into the same mesh
@@ -26,13 +26,33 @@ from torch import nn
 from sparkml_dist.errors import ConfigError
 
 
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Dropout,
+               nn.Identity)
+"""Layers that may sit between the two linear layers of a pair: they act on each activation
+alone, so they work on the sharded activations unchanged."""
+
+
 def default_plan(model: nn.Module) -> dict[str, str]:
-    """Consecutive pairs of the model's ``nn.Linear`` layers: the first ``colwise``, the second
-    ``rowwise``; an odd last layer is left whole (replicated)."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Pairs of ``nn.Linear`` children of one ``nn.Sequential`` with only :data:`ELEMENTWISE`
+    children between them: the first ``colwise``, the second ``rowwise``; other layers stay
+    whole (replicated). Anything else between the two (a normalisation, a residual block) would
+    see only a slice of the activations, and a linear layer inside another kind of module may be
+    followed by anything in its forward, so neither is paired."""
     plan: dict[str, str] = {}
-    for a, b in zip(linears[0::2], linears[1::2]):
-        plan[a], plan[b] = "colwise", "rowwise"
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        pending: str | None = None
+        for name, m in seq.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(m, nn.Linear):
+                if pending is None:
+                    pending = full
+                else:
+                    plan[pending], plan[full] = "colwise", "rowwise"
+                    pending = None
+            elif not isinstance(m, ELEMENTWISE):
+                pending = None
     return plan
 
 
@@ -40,9 +60,10 @@ def check_plan(model: nn.Module, plan: Mapping[str, str], shards: int, factory: 
     """Every planned module exists, is an ``nn.Linear`` and splits evenly over ``shards``."""
     modules = dict(model.named_modules())
     if not plan:
-        raise ConfigError(f"strategy.tensor_parallel={shards}: the model ({factory}) has fewer "
-                          "than two nn.Linear layers to pair; name the layers in "
-                          "strategy.tensor_plan, or set strategy.tensor_parallel=1.")
+        raise ConfigError(f"strategy.tensor_parallel={shards}: the model ({factory}) has no two "
+                          "nn.Linear layers with only element-wise layers between them to pair; "
+                          "name the layers in strategy.tensor_plan, or set "
+                          "strategy.tensor_parallel=1.")
     for name, style in plan.items():
         m = modules.get(name)
         if not isinstance(m, nn.Linear):
