@@ -129,10 +129,20 @@ class Servers:
             versions.append(int(h["version"]))
         return out, versions
 
-    def push(self, worker: int, step: int, versions: list[int], grads: list[np.ndarray]) -> None:
-        for c, v, g in zip(self.shards, versions, grads):
-            c.request({"op": "push", "worker": worker, "step": step, "pulled_version": v},
-                      wire.to_bytes(g), context=step)
+    def push(self, worker: int, step: int, versions: list[int], grads: list[np.ndarray],
+             pull_next: bool = False) -> tuple[list[np.ndarray], list[int]] | None:
+        """Push ``step``'s gradient to every shard; with ``pull_next`` each reply also carries
+        the shard's values for ``step + 1`` once the mode allows (one round trip per step and
+        shard instead of two)."""
+        out, next_versions = [], []
+        for c, v, g, n in zip(self.shards, versions, grads, self.sizes):
+            h, body = c.request({"op": "push", "worker": worker, "step": step,
+                                 "pulled_version": v, "pull_next": pull_next},
+                                wire.to_bytes(g), context=step)
+            if pull_next:
+                out.append(wire.from_bytes(body, n, f"push-pull from {c.current}"))
+                next_versions.append(int(h["version"]))
+        return (out, next_versions) if pull_next else None
 
     def state(self) -> list[np.ndarray]:
         return [wire.from_bytes(c.request({"op": "state"})[1], n, f"state of {c.current}")

@@ -12,10 +12,11 @@ Requests (JSON header, raw float32 body, see :mod:`.wire`):
 
 - ``hello {worker}`` -> ``{clock, version}``: where that worker resumes.
 - ``pull {worker, step}`` -> body: the shard's values once the mode allows (bounded wait).
-- ``push {worker, step, pulled_version}`` + body: the gradient. A primary applies it, forwards
-  the same request to its replica and waits for the replica's ack before acking the worker
-  (chain replication), all under the shard lock so the replica applies pushes in the primary's
-  order and holds identical state. A duplicate (same worker and step) is acked and ignored.
+- ``push {worker, step, pulled_version, pull_next}`` + body: the gradient. A primary applies
+  it, forwards the same request to its replica and waits for the replica's ack before acking the
+  worker (chain replication), all under the shard lock so the replica applies pushes in the
+  primary's order and holds identical state. A duplicate (same worker and step) is acked and
+  ignored. With ``pull_next`` the reply is also the pull for ``step + 1`` (same rule, same wait).
 - ``state`` -> body: the values; header: version and clocks. ``report`` -> measurements and
   the event log. ``shutdown``.
 """
@@ -118,7 +119,11 @@ class _Server(socketserver.ThreadingTCPServer):
                 fresh = shard.push(int(h["worker"]), int(h["step"]), int(h["pulled_version"]),
                                    grad)
                 if fresh and self.forwarder is not None:
-                    self.forwarder.forward({**h, "forwarded": True}, body)
+                    self.forwarder.forward({**h, "forwarded": True, "pull_next": False}, body)
+                if h.get("pull_next"):  # push-pull: answer with the values for the next step
+                    values, version = shard.wait_pull(int(h["worker"]), int(h["step"]) + 1)
+                    return {"ok": True, "duplicate": not fresh, "version": version}, \
+                        wire.to_bytes(values)
                 return {"ok": True, "duplicate": not fresh}, b""
             if op == "hello":
                 worker = int(h["worker"])

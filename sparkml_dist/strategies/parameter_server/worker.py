@@ -1,5 +1,6 @@
 """A worker: for each step from where the servers say it is, pull the parameters, compute the
-gradient of the mean loss on its batch, push it. The data position lives on the servers (the
+gradient of the mean loss on its batch, push it (a push also brings back the next step's
+parameters: one round trip per step and shard). The data position lives on the servers (the
 worker's clock), so a retried Spark task resumes at the step its predecessor had reached.
 
 :func:`train_worker` is the loop (no Spark); :func:`run_worker_task` is the ``mapInArrow`` body
@@ -82,6 +83,8 @@ def train_worker(task: WorkerTask, worker: int, train: Any, attempt: int = 0) ->
         rep["start_step"] = start
         epoch, order = -1, np.empty(0, np.int64)
         t_begin = time.monotonic()
+        pulled: tuple[list[np.ndarray], list[int]] | None = None
+        t1 = 0.0
         for step in range(start, task.total_steps):
             if task.crash is not None and task.crash == (worker, step, attempt):
                 log.error("TEST fault injection: worker %d exits at step %d", worker, step)
@@ -92,8 +95,10 @@ def train_worker(task: WorkerTask, worker: int, train: Any, attempt: int = 0) ->
                 epoch = e
                 order = epoch_order(len(train), task.seed, e, worker,
                                     task.steps_per_epoch * task.batch_size)
-            values, versions = servers.pull(worker, step)
-            t1 = time.time()
+            if pulled is None:  # the first step; later ones arrive with the previous push
+                pulled = servers.pull(worker, step)
+                t1 = time.time()
+            values, versions = pulled
             with torch.no_grad():
                 for g, vec in zip(groups, values):
                     offset = 0
@@ -107,12 +112,15 @@ def train_worker(task: WorkerTask, worker: int, train: Any, attempt: int = 0) ->
             loss.backward()
             grads = [torch.cat([p.grad.reshape(-1) for p in g]).numpy() for g in groups]
             t2 = time.time()
-            servers.push(worker, step, versions, grads)
+            pulled = servers.push(worker, step, versions, grads,
+                                  pull_next=step + 1 < task.total_steps)
             t3 = time.time()
-            rep["pull_s"] += t1 - t0
-            rep["compute_s"] += t2 - t1
-            rep["push_s"] += t3 - t2
-            rep["stamps"].append([step, t0, t1, t3])  # start, pulled, pushed (wall clock)
+            rep["pull_s"] += max(0.0, t1 - t0)
+            rep["compute_s"] += t2 - max(t0, t1)
+            rep["push_s"] += t3 - t2  # with the next step's pull
+            # wall clock: step start, its values in hand, its push acknowledged
+            rep["stamps"].append([step, t0, t1, t3])
+            t1 = t3
             rep["losses"].append(float(loss.detach()))
             if sleep:
                 time.sleep(sleep)
