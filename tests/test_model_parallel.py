@@ -69,6 +69,7 @@ def test_ideal_bubble():
     assert ideal_bubble(1, 4) == 0
     assert ideal_bubble(2, 4) == pytest.approx(1 / 5)
     assert ideal_bubble(4, 8) == pytest.approx(3 / 11)
+    assert ideal_bubble(4, 8, virtual=2) == pytest.approx(3 / 19)
 
 
 def test_mesh_maps_ranks_and_groups():
@@ -146,6 +147,14 @@ def mp_job(world: int = 2, epochs: int = 2, **extra) -> JobConfig:
      r"strategy.micro_batches=3 does not divide training.batch_size=16"),
     ({"strategy.schedule": "1f1b", "strategy.micro_batches": 1, "strategy.pipeline_stages": 2},
      r"strategy.schedule=1f1b needs strategy.micro_batches >= strategy.pipeline_stages"),
+    ({"strategy.schedule": "interleaved_1f1b", "strategy.virtual_stages": 2,
+      "strategy.micro_batches": 9, "strategy.pipeline_stages": 4, "training.num_workers": 4,
+      "training.batch_size": 18, "model.kwargs": {"width": 8, "depth": 6}},
+     r"strategy.schedule=interleaved_1f1b needs strategy.micro_batches to be a multiple of its "
+     r"rounds \(micro_batches // pipeline_stages = 2\); got 9"),
+    ({"strategy.schedule": "interleaved_1f1b", "strategy.virtual_stages": 3},
+     r"cannot cut the model into 6 stages \(pipeline_stages x virtual_stages\): the model "
+     r"\(sparkml_dist.models:deep_mlp\) has 5 top-level layers"),
     ({"backend.name": "horovod"},
      r"strategy.pipeline_stages=2 needs point-to-point send/recv, which backend.name=horovod "
      r"does not provide"),
@@ -178,6 +187,10 @@ def test_config_refuses_bad_values():
                                           r"rowwise; got \{'0': 'sequence'\}"):
         mp_job(**{"strategy.pipeline_stages": 1, "strategy.tensor_parallel": 2,
                   "strategy.tensor_plan": {"0": "sequence"}})
+    with pytest.raises(ConfigError, match=r"strategy.virtual_stages=1 with strategy.schedule="
+                                          r"interleaved_1f1b: interleaved_1f1b needs "
+                                          r"virtual_stages >= 2"):
+        mp_job(**{"strategy.schedule": "interleaved_1f1b"})
     with pytest.raises(ConfigError, match=r"strategy.schedule: 'zero_bubble' is not one of 'gpipe', '1f1b'"):
         mp_job(**{"strategy.schedule": "zero_bubble"})
 
@@ -200,19 +213,23 @@ def _max_diff(got, ref):
     return max(float((got[k] - ref[k]).abs().max()) for k in ref)
 
 
-@pytest.mark.parametrize("stages, schedule, micro", [(2, "gpipe", 4), (2, "1f1b", 4),
-                                                     (3, "gpipe", 2), (3, "1f1b", 4)])
-def test_pipeline_equals_the_reference(data, tmp_path, stages, schedule, micro):
-    cfg = mp_job(stages, **{"strategy.schedule": schedule, "strategy.micro_batches": micro})
+@pytest.mark.parametrize("stages, schedule, micro, virtual", [
+    (2, "gpipe", 4, 1), (2, "1f1b", 4, 1), (3, "gpipe", 2, 1), (3, "1f1b", 4, 1),
+    (2, "interleaved_1f1b", 4, 2)])
+def test_pipeline_equals_the_reference(data, tmp_path, stages, schedule, micro, virtual):
+    cfg = mp_job(stages, **{"strategy.schedule": schedule, "strategy.micro_batches": micro,
+                            "strategy.virtual_stages": virtual})
     res = _ok(run_ranks(cfg, data, str(tmp_path)))
     assert _max_diff(final_model(str(tmp_path)), reference_weights(cfg, data, (0,))) < TOL
     rows = [m for _, m in res["sink"] if "pipeline/idle_share" in m]
     assert rows and all(0 <= m[f"pipeline/idle_share_stage{s}"] < 1
                         for m in rows for s in range(stages))
-    assert rows[-1]["pipeline/ideal_bubble"] == pytest.approx(ideal_bubble(stages, micro))
-    # deep_mlp width 32, batch 16, float32: each boundary carries 16*32*4 bytes forward and the
-    # same backward; the labels (int64) go from the first stage to the last.
-    assert rows[-1]["comm/activation_bytes_per_step"] == 2 * (stages - 1) * 16 * 32 * 4
+    assert rows[-1]["pipeline/ideal_bubble"] == pytest.approx(
+        ideal_bubble(stages, micro, virtual))
+    # deep_mlp width 32, batch 16, float32: each boundary between chunks carries 16*32*4 bytes
+    # forward and the same backward; the labels (int64) go from the first stage to the last.
+    assert rows[-1]["comm/activation_bytes_per_step"] == \
+        2 * (stages * virtual - 1) * 16 * 32 * 4
     assert rows[-1]["comm/input_bytes_per_step"] == 16 * 8
     assert all(m["memory/state_bytes_max_rank"] > 0 and m["memory/saved_bytes_max_rank"] > 0
                for m in rows)

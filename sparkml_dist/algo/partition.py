@@ -13,7 +13,8 @@ no torch, no I/O.
   1F1B, which keeps the same bubble while holding at most ``p`` micro-batches' activations
   (Narayanan et al. 2019, "PipeDream: Generalized Pipeline Parallelism for DNN Training", SOSP;
   Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using
-  Megatron-LM", SC, section 2.2).
+  Megatron-LM", SC, section 2.2); with ``v`` interleaved chunks per rank it is
+  ``(p - 1) / (v * m + p - 1)`` (ibid., section 2.2.2).
 """
 
 from __future__ import annotations
@@ -83,12 +84,13 @@ def stage_ranges(starts: Sequence[int], n: int) -> list[range]:
     return [range(a, b) for a, b in zip(starts, ends)]
 
 
-def ideal_bubble(stages: int, micro_batches: int) -> float:
-    """Idle share ``(p - 1) / (m + p - 1)`` of ``p`` equal stages fed ``m`` micro-batches."""
-    if stages < 1 or micro_batches < 1:
-        raise PlanError(f"stages and micro-batches must be >= 1; got {stages} and "
-                        f"{micro_batches}.")
-    return (stages - 1) / (micro_batches + stages - 1)
+def ideal_bubble(stages: int, micro_batches: int, virtual: int = 1) -> float:
+    """Idle share ``(p - 1) / (v * m + p - 1)`` of ``p`` equal stages fed ``m`` micro-batches,
+    each rank holding ``v`` interleaved chunks (``v = 1``: GPipe and 1F1B)."""
+    if stages < 1 or micro_batches < 1 or virtual < 1:
+        raise PlanError(f"stages, micro-batches and virtual stages must be >= 1; got {stages}, "
+                        f"{micro_batches} and {virtual}.")
+    return (stages - 1) / (virtual * micro_batches + stages - 1)
 
 
 @dataclass(frozen=True)

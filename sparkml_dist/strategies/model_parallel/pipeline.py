@@ -6,9 +6,13 @@ under their original names, so a stage's ``state_dict`` keys are the whole model
 :func:`sparkml_dist.algo.partition.named_split` (``strategy.split_at``) or
 :func:`~sparkml_dist.algo.partition.balanced_split` by parameter count.
 
+Under ``interleaved_1f1b`` the model is cut into ``pipeline_stages x virtual_stages`` chunks and
+rank ``s`` holds chunks ``s, s + p, ...`` (Narayanan et al. 2021, section 2.2.2), so the first
+rank still feeds the features and the last rank computes the loss.
+
 One step (:meth:`PipelineRunner.step`): the first stage sends the batch's labels to the last
-stage (one small point-to-point message), then every stage runs ``ScheduleGPipe`` or
-``Schedule1F1B`` over ``strategy.micro_batches`` micro-batches with ``scale_grads=False`` and a
+stage (one small point-to-point message), then every stage runs ``ScheduleGPipe``,
+``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` over ``strategy.micro_batches`` micro-batches with ``scale_grads=False`` and a
 micro-batch loss of ``sum / training.batch_size``, so the accumulated gradients are those of the
 batch's mean loss, as in one process.
 """
@@ -46,7 +50,7 @@ def plan_stages(model: nn.Module, cfg: ModelParallelConfig, factory: str) -> lis
     setting when it cannot be done)."""
     layers = layers_of(model, cfg, factory)
     names = [n for n, _ in layers]
-    p = cfg.pipeline_stages
+    p = cfg.chunks
     try:
         if cfg.split_at:
             starts = named_split(names, cfg.split_at, p)
@@ -58,7 +62,9 @@ def plan_stages(model: nn.Module, cfg: ModelParallelConfig, factory: str) -> lis
             starts = balanced_split(sizes, p)
     except PlanError as exc:
         setting = "strategy.split_at" if cfg.split_at else "strategy.pipeline_stages"
-        raise ConfigError(f"{setting}: cannot cut the model into {p} stages: {exc}. Lower "
+        what = f"{p} stages" if cfg.virtual_stages == 1 else \
+            f"{p} stages (pipeline_stages x virtual_stages)"
+        raise ConfigError(f"{setting}: cannot cut the model into {what}: {exc}. Lower "
                           "strategy.pipeline_stages to at most the layer count, name existing "
                           "layers in strategy.split_at, or use a deeper model (e.g. "
                           "model.kwargs.depth for sparkml_dist.models:deep_mlp).") from None
@@ -83,10 +89,15 @@ class PipelineRunner:
     """One rank's stage of one pipeline replica: the torch stage and schedule, plus busy time
     and activation bytes for the bubble and traffic metrics."""
 
-    def __init__(self, module: nn.Module, stage: int, stages: int, group: Any,
-                 cfg: ModelParallelConfig, batch_size: int, task: str,
+    def __init__(self, chunks: list[tuple[int, nn.Module]], position: int, ranks: int,
+                 group: Any, cfg: ModelParallelConfig, batch_size: int, task: str,
                  device: torch.device) -> None:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        """``chunks``: (stage index, module) of each stage this rank holds (one, or
+        ``virtual_stages`` under ``interleaved_1f1b``); ``position``: the rank's place among the
+        ``ranks`` ranks of the pipeline (0 feeds the features, ``ranks - 1`` computes the
+        loss)."""
+        from torch.distributed.pipelining import (
+            PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B)
 
         runner = self
 
@@ -107,7 +118,7 @@ class PipelineRunner:
                 runner.busy_s += time.perf_counter() - t0
                 return out
 
-        self.stage_index, self.stages, self.task = stage, stages, task
+        self.position, self.ranks, self.task = position, ranks, task
         self.batch_size = batch_size
         self.busy_s = 0.0
         """Compute: forward and backward of every micro-batch (the strategy adds its optimizer
@@ -120,11 +131,18 @@ class PipelineRunner:
         def micro_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return criterion(out, prepare_target(target, out, task)) / batch_size
 
-        if stage > 0:  # the gradient of each received activation goes back to the stage before
-            module.register_forward_pre_hook(self._count_input)
-        self.stage = TimedStage(module, stage, stages, device, group=group)
-        kind = Schedule1F1B if cfg.schedule == "1f1b" else ScheduleGPipe
-        self.schedule = kind(self.stage, cfg.micro_batches, loss_fn=micro_loss, scale_grads=False)
+        stages = []
+        for index, module in chunks:
+            if index > 0:  # the gradient of each received activation goes back a stage
+                module.register_forward_pre_hook(self._count_input)
+            stages.append(TimedStage(module, index, cfg.chunks, device, group=group))
+        if cfg.schedule == "interleaved_1f1b":
+            self.schedule: Any = ScheduleInterleaved1F1B(stages, cfg.micro_batches,
+                                                         loss_fn=micro_loss, scale_grads=False)
+        else:
+            kind = Schedule1F1B if cfg.schedule == "1f1b" else ScheduleGPipe
+            self.schedule = kind(stages[0], cfg.micro_batches, loss_fn=micro_loss,
+                                 scale_grads=False)
 
     def _count_input(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
         if torch.is_grad_enabled():
@@ -134,9 +152,9 @@ class PipelineRunner:
         """Forward and backward of one batch over the micro-batches (gradients accumulate into
         the stage's parameters); the batch's mean loss on the last stage, else None."""
         losses: list[torch.Tensor] = []
-        if self.stage_index == 0:
+        if self.position == 0:
             self.schedule.step(x)
-        elif self.stage_index == self.stages - 1:
+        elif self.position == self.ranks - 1:
             self.schedule.step(target=y, losses=losses)
         else:
             self.schedule.step()

@@ -16,8 +16,9 @@ as in one process), keeps its stage (pipeline: the ``nn.Sequential`` children of
 :mod:`.pipeline`) or its shards (tensor: torch's ``parallelize_module``, see :mod:`.tensor`),
 and builds the job's optimizer and schedule over those parameters only.
 
-Step: pipeline, ``ScheduleGPipe`` or ``Schedule1F1B`` from ``torch.distributed.pipelining`` over
-``strategy.micro_batches`` micro-batches; tensor, one forward/backward through the sharded
+Step: pipeline, ``ScheduleGPipe``, ``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` (rank ``s``
+holding chunks ``s, s + p, ...`` of ``p x strategy.virtual_stages``) from
+``torch.distributed.pipelining`` over ``strategy.micro_batches`` micro-batches; tensor, one forward/backward through the sharded
 module. Then, with ``data_parallel > 1``, each parameter's gradient (shard) is averaged over the
 ranks holding the same stage and shard in the other replicas (one all_reduce of the flat
 gradients per step), and the optimizer steps. The result equals one process training the whole
@@ -42,7 +43,7 @@ Metrics per window: ``pipeline/idle_share_stage<s>`` (1 - compute time / wall ti
 ``s``'s training steps, averaged over replicas; compute is the forward and backward of every
 micro-batch plus the optimizer step, wall time the whole step with its waits: for the labels,
 the schedule's receives and sends, the gradient all_reduce), ``pipeline/idle_share`` (their mean),
-``pipeline/ideal_bubble`` (``(p - 1) / (m + p - 1)``), ``comm/activation_bytes_per_step``
+``pipeline/ideal_bubble`` (``(p - 1) / (v m + p - 1)``, ``v`` the virtual stages), ``comm/activation_bytes_per_step``
 (activations forward plus their gradients backward, summed over all ranks) and
 ``comm/input_bytes_per_step`` (what readers send to their peers), and, measured on the first
 step of each window (:mod:`.memory`), ``memory/state_bytes_max_rank`` (parameters, gradients and
@@ -53,8 +54,9 @@ saved for backward; not measured under tensor parallelism) and ``memory/peak_byt
 Backend: point-to-point, subgroups and a device mesh (backend.name=torch, gloo on CPU or NCCL on
 GPU); Horovod is refused on the driver. What the ranks could not run is refused there too,
 before anything launches, rather than left to fail or wait inside torch: schedules other than
-GPipe and 1F1B (interleaved and zero-bubble schedules are not offered), 1F1B with fewer
-micro-batches than stages, micro-batches of unequal size, tensor styles other than colwise and
+GPipe, 1F1B and interleaved 1F1B (zero-bubble schedules are not offered), 1F1B with fewer
+micro-batches than stages, interleaved 1F1B with micro-batches that are not a multiple of its
+rounds, micro-batches of unequal size, tensor styles other than colwise and
 rowwise, pipeline and tensor parallelism together, and a split or plan that does not fit the
 model.
 """
@@ -65,6 +67,7 @@ import contextlib
 import copy
 import logging
 import time
+from collections import OrderedDict
 from typing import Any, ClassVar
 
 import torch
@@ -148,6 +151,12 @@ class ModelParallel(Strategy):
                 raise ConfigError(f"strategy.schedule=1f1b needs strategy.micro_batches >= "
                                   f"strategy.pipeline_stages ({st.pipeline_stages}); got "
                                   f"{st.micro_batches}.")
+            rounds = max(1, st.micro_batches // st.pipeline_stages)
+            if st.schedule == "interleaved_1f1b" and st.micro_batches % rounds:
+                raise ConfigError(f"strategy.schedule=interleaved_1f1b needs strategy."
+                                  f"micro_batches to be a multiple of its rounds (micro_batches "
+                                  f"// pipeline_stages = {rounds}); got {st.micro_batches}. Use a "
+                                  "multiple of strategy.pipeline_stages.")
         width = len(cfg.data.feature_cols) if cfg.data.feature_cols and not \
             cfg.data.features_col else PROBE_WIDTH
         try:
@@ -172,6 +181,7 @@ class ModelParallel(Strategy):
         st: ModelParallelConfig = cfg.strategy
         return {"kind": cls.kind, "mesh (data x pipeline x tensor)": mesh_of(st).describe(),
                 "schedule": st.schedule, "micro_batches": st.micro_batches,
+                "virtual_stages": st.virtual_stages,
                 "split_at": list(st.split_at), "tensor_plan": dict(st.tensor_plan)}
 
     @classmethod
@@ -181,7 +191,7 @@ class ModelParallel(Strategy):
         if st.pipeline_stages > 1:
             tags["sparkml_dist.model_parallel.schedule"] = st.schedule
             tags["sparkml_dist.model_parallel.ideal_bubble"] = \
-                f"{ideal_bubble(st.pipeline_stages, st.micro_batches):.6f}"
+                f"{ideal_bubble(st.pipeline_stages, st.micro_batches, st.virtual_stages):.6f}"
         return tags
 
     # -- placement ---------------------------------------------------------------------------
@@ -204,7 +214,11 @@ class ModelParallel(Strategy):
         self.pipe_comm: Communicator | None = None
         if self.mesh.pipeline > 1:
             ranges = plan_stages(full, self.cfg, ctx.cfg.model.factory)
-            self.net: nn.Module = stage_module(full, ranges, self.s)
+            mine = [self.s + k * self.mesh.pipeline for k in range(self.cfg.virtual_stages)]
+            self._chunks = [(i, stage_module(full, ranges, i)) for i in mine]
+            # all of this rank's layers under their own names: its parameters and checkpoint
+            self.net: nn.Module = nn.Sequential(OrderedDict(
+                (name, layer) for _, chunk in self._chunks for name, layer in chunk.named_children()))
             self._layers = [len(r) for r in ranges]
             for d in range(self.mesh.data):  # every rank creates every group, in one order
                 g = ctx.comm.new_group(list(self.mesh.pipeline_ranks(d, 0)))
@@ -253,7 +267,7 @@ class ModelParallel(Strategy):
     def start(self) -> None:
         if self.mesh.pipeline > 1:
             assert self.pipe_comm is not None
-            self.pipe = PipelineRunner(self.net, self.s, self.mesh.pipeline,
+            self.pipe = PipelineRunner(self._chunks, self.s, self.mesh.pipeline,
                                        self.pipe_comm.process_group, self.cfg, self.batch,
                                        self.task, self.ctx.device)
         log.info("model_parallel: rank %d is (replica %d, stage %d, shard %d) of a %s mesh%s",
@@ -429,7 +443,8 @@ class ModelParallel(Strategy):
                     idle.append(out[f"pipeline/idle_share_stage{s}"])
             if idle:
                 out["pipeline/idle_share"] = sum(idle) / len(idle)
-            out["pipeline/ideal_bubble"] = ideal_bubble(self.mesh.pipeline, self.cfg.micro_batches)
+            out["pipeline/ideal_bubble"] = ideal_bubble(self.mesh.pipeline, self.cfg.micro_batches,
+                                                        self.cfg.virtual_stages)
         return out
 
 
