@@ -15,7 +15,9 @@ rank 0; its steps wait for the straggler); for the parameter servers
 every worker runs) and, beside it, ``ps/samples_per_s`` (all samples over the whole stage, which
 the straggler's last steps bound, since every worker owns a fixed shard).
 
-Writes one JSON line to ``benchmarks/results/straggler.jsonl``.
+Each configuration runs once per repetition (``--reps``), back to back; ratios are medians of
+the per-repetition ratios (the machines are shared and noisy). Writes one JSON line to
+``benchmarks/results/straggler.jsonl``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_DIR, setup_env, spark_session, write_result
+from common import BENCH_DIR, median, paired_ratios, setup_env, spark_session, write_result
 
 
 def slow_mlp(in_features: int, num_outputs: int, hidden: list[int], straggler: int = -1,
@@ -105,6 +107,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
+    p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     setup_env()
     os.environ["PYTHONPATH"] = os.pathsep.join(  # executors import slow_mlp from here
@@ -118,30 +121,41 @@ def main() -> None:
     df = spark.read.parquet(str(write_digits_parquet(tmp / "digits.parquet")))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     _fit(df, uri, args, KINDS["allreduce"], -1, 0.0)  # warm-up: JVM, MLflow store, caches
-    base = {name: _fit(df, uri, args, KINDS[name], -1, 0.0) for name in ("allreduce", "ps_sync")}
-    sleep_s = base["allreduce"]["step_s"]
-    slow = {name: _fit(df, uri, args, kind, 1, sleep_s) for name, kind in KINDS.items()
-            if name != "ps_sync"}
-    ref = slow["allreduce"]
+    base_runs: dict[str, list[dict[str, Any]]] = {"allreduce": [], "ps_sync": []}
+    slow_runs: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS if k != "ps_sync"}
+    for _ in range(args.reps):  # every configuration once per repetition, back to back
+        for name in base_runs:
+            base_runs[name].append(_fit(df, uri, args, KINDS[name], -1, 0.0))
+        sleep_s = base_runs["allreduce"][-1]["step_s"]
+        for name in slow_runs:
+            slow_runs[name].append(_fit(df, uri, args, KINDS[name], 1, sleep_s))
+    rate = {n: [r["samples_per_s"] for r in v] for n, v in {**base_runs, **{
+        f"slow_{k}": v for k, v in slow_runs.items()}}.items()}
+    ref = slow_runs["allreduce"]
     record = {
         "setup": {"data": "digits (1797 rows, 20% validation)", "workers": 2,
                   "epochs": args.epochs, "batch_size": args.batch_size, "hidden": args.hidden,
                   "spark": "local[2]", "straggler": "rank 1 sleeps sleep_s per training forward",
-                  "sleep_s": sleep_s, "ssp_staleness": KINDS["ps_ssp"]["strategy.staleness"]},
-        "no_straggler": {**base, "ps_sync_vs_allreduce": base["ps_sync"]["samples_per_s"]
-                         / base["allreduce"]["samples_per_s"], "goal": ">= 0.8"},
-        "straggler": {**slow, "goal": ">= 1.5x allreduce within 1.5 accuracy points",
-                      "speedup_vs_allreduce": {k: v["samples_per_s"] / ref["samples_per_s"]
-                                               for k, v in slow.items() if k != "allreduce"},
-                      "accuracy_gap_points": {k: 100 * (v["val_accuracy"] - ref["val_accuracy"])
-                                              for k, v in slow.items() if k != "allreduce"}},
-        "runs": 1,
+                  "sleep_s": [r["step_s"] for r in base_runs["allreduce"]],
+                  "ssp_staleness": KINDS["ps_ssp"]["strategy.staleness"], "reps": args.reps},
+        "no_straggler": {**base_runs, "goal": ">= 0.8",
+                         "ps_sync_vs_allreduce": paired_ratios(rate["ps_sync"],
+                                                               rate["allreduce"])},
+        "straggler": {**slow_runs, "goal": ">= 1.5x allreduce within 1.5 accuracy points",
+                      "speedup_vs_allreduce": {
+                          k: paired_ratios(rate[f"slow_{k}"], rate["slow_allreduce"])
+                          for k in slow_runs if k != "allreduce"},
+                      "accuracy_gap_points": {
+                          k: median([100 * (a["val_accuracy"] - b["val_accuracy"])
+                                     for a, b in zip(v, ref)])
+                          for k, v in slow_runs.items() if k != "allreduce"}},
     }
     path = write_result("straggler", record)
-    print(f"sleep {sleep_s * 1e3:.2f} ms/step; no straggler: ps sync / allreduce = "
-          f"{record['no_straggler']['ps_sync_vs_allreduce']:.2f}")
+    print(f"no straggler: ps sync / allreduce = "
+          f"{record['no_straggler']['ps_sync_vs_allreduce']['median']:.2f} (median of "
+          f"{args.reps})")
     for k, v in record["straggler"]["speedup_vs_allreduce"].items():
-        print(f"straggler: {k} {v:.2f}x allreduce, accuracy "
+        print(f"straggler: {k} {v['median']:.2f}x allreduce, accuracy "
               f"{record['straggler']['accuracy_gap_points'][k]:+.1f} points")
     print(f"wrote {path}")
     spark.stop()
