@@ -236,7 +236,7 @@ def test_killed_primary_fails_over_to_its_replica_without_restarting(data, sync_
     killed = {}
 
     def kill_primary(group, plan, task, reps):
-        time.sleep(1.0)  # servers are up and workers are stepping (about 4 s in all)
+        wait_for_version(task, plan, 20)  # workers are stepping (135 steps, about 4 s)
         primary = next(p for p in group.describe() if p["shard"] == 0 and p["role"] == "primary")
         os.kill(primary["pid"], signal.SIGKILL)
         killed.update(primary)
@@ -254,6 +254,18 @@ def test_killed_primary_fails_over_to_its_replica_without_restarting(data, sync_
     for name, value in sync_run[1].items():
         assert (state[name] - value).abs().max().item() <= 1e-5, name
     assert abs(accuracy(state, data) - accuracy(sync_run[1], data)) <= 0.015
+
+
+def wait_for_version(task, plan, version: int, timeout_s: float = 120.0) -> None:
+    """Until shard 0 has applied ``version`` updates (the workers are mid-run)."""
+    client = Servers([list(e) for e in task.endpoints], task.secret, 60.0, plan.sizes)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while client.reports()[0]["report"]["version"] < version:
+            assert time.monotonic() < deadline, "the workers never got going"
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def plan_total(cfg, ds) -> int:
@@ -282,7 +294,7 @@ def test_a_lost_server_without_replica_is_an_error_naming_it(data):
     cfg = job("sync", 1, epochs=3, **{"strategy.straggler_sleep_s": {0: 0.03, 1: 0.03}})
 
     def kill(group, plan, task, reps):
-        time.sleep(1.0)
+        wait_for_version(task, plan, 20)
         os.kill(group.describe()[0]["pid"], signal.SIGKILL)
 
     state, _, errors, procs = run_job(cfg, data, during=kill)

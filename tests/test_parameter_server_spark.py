@@ -24,6 +24,7 @@ from sparkml_dist.algo.ps import ssp_violations
 from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT
 from sparkml_dist.spark.prepare import prepare
+from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
 from tests.ranks import Dataset, reference_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,12 +153,11 @@ def test_killed_primary_is_replaced_by_its_replica_through_fit(df, tracking_uri,
         client = MlflowClient(tracking_uri)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            runs = client.search_runs(client.get_experiment_by_name(
-                cfg.tracking.experiment).experiment_id) if client.get_experiment_by_name(
-                cfg.tracking.experiment) else []
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            runs = client.search_runs([exp.experiment_id]) if exp else []
             tag = runs[0].data.tags.get("sparkml_dist.ps.servers") if runs else None
-            if tag:
-                time.sleep(4.0)  # the workers' stage starts and steps (about 4 s of steps)
+            if tag and MlflowCheckpointStore(tracking_uri, runs[0].info.run_id).complete_names():
+                # the first cut (end of epoch 1 of 8) is in: the workers are mid-run
                 victim = next(s for s in json.loads(tag)
                               if s["shard"] == 1 and s["role"] == "primary")
                 os.kill(victim["pid"], signal.SIGKILL)
@@ -189,7 +189,6 @@ def test_resume_continues_from_a_consistent_cut(df, tracking_uri, sync_result, m
     worker at the newest cut (every shard at one step, every worker at that step of its data
     order): sync ends bitwise where the undisturbed job did, async within its accuracy."""
     from sparkml_dist.config import FaultInjection
-    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
 
     cfg = config(tracking_uri, f"strategy.mode={mode}", "strategy.num_servers=2",
                  "checkpoint.every_steps=20", "tracking.log_model=false")
