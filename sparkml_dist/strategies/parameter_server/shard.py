@@ -21,6 +21,10 @@ from sparkml_dist.config import OptimizerConfig
 from sparkml_dist.training.optim import lr_factor, make_optimizer
 
 
+MAX_EVENTS = 100_000
+"""Events a shard keeps for the run's ``ps/events.json`` (later ones are counted, not kept)."""
+
+
 class PullTimeout(TimeoutError):
     """A pull waited ``timeout_s`` for other workers."""
 
@@ -97,6 +101,7 @@ class Shard:
         self.cond = threading.Condition()
         self.hist = StalenessHistogram()
         self.events: list[dict[str, Any]] = []
+        """Pulls answered and pushes received, in order (the first :data:`MAX_EVENTS`)."""
         self.stats = {"pushes": 0, "pulls": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0,
                       "pull_wait_s": 0.0, "cut_s": 0.0}
         self.cuts_written: set[int] = set()
@@ -173,8 +178,7 @@ class Shard:
             self.cond.wait(left)
         self.stats["pull_wait_s"] += time.monotonic() - t0
         self.stats["pulls"] += 1
-        self.events.append({"op": "pull", "worker": worker, "step": step,
-                            "version": self.version, "t": time.time()})
+        self._event("pull", worker, step)
         if cut and step not in self.cuts_written:
             self._write_cut(step)
         if self.spec.mode == "sync" and self.version > step:
@@ -200,8 +204,7 @@ class Shard:
             raise RuntimeError(f"worker {worker} pushed step {step} but shard {self.spec.shard} "
                                f"expects its step {clock}")
         self.stats["pushes"] += 1
-        self.events.append({"op": "push", "worker": worker, "step": step,
-                            "version": self.version, "t": time.time()})
+        self._event("push", worker, step)
         if self.spec.mode == "sync":
             self.hist.add(0)
             bucket = self.pending.setdefault(step, {})
@@ -219,6 +222,13 @@ class Shard:
         self.clocks[worker] = step + 1
         self.cond.notify_all()
         return True
+
+    def _event(self, op: str, worker: int, step: int) -> None:
+        if len(self.events) < MAX_EVENTS:
+            self.events.append({"op": op, "worker": worker, "step": step,
+                                "version": self.version, "t": time.time()})
+        else:
+            self.stats["events_dropped"] = self.stats.get("events_dropped", 0) + 1
 
     def _check_worker(self, worker: int) -> None:
         if not 0 <= worker < self.spec.num_workers:
