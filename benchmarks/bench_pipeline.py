@@ -13,7 +13,8 @@ parameter count; digits (1,437 training rows), ``--batch`` rows per step, SGD wi
    forward and backward of its micro-batches plus its optimizer step, over the wall time of its
    whole training steps, waits included), averaged over the metric windows after the first
    (shape inference and warm-up) and over stages, against the ideal ``(p - 1) / (m + p - 1)``
-   of equal stages with free communication. Goal: within 5 points. On a machine whose cores
+   of equal stages with free communication (``(p - 1) / (v m + p - 1)`` for ``interleaved_1f1b``
+   with ``--virtual`` chunks ``v`` per rank). Goal: within 5 points. On a machine whose cores
    other work shares, a stage descheduled mid-compute counts as busy and its peer as idle.
 2. ``memory``: the library's ``memory/peak_bytes_max_rank`` (parameters, gradients, optimizer
    state, plus the peak of activations saved for backward, on the largest rank), against the
@@ -25,6 +26,7 @@ Each configuration appends one JSON line to ``results/pipeline.jsonl``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -36,6 +38,7 @@ sys.path.insert(0, str(REPO))  # tests.ranks: the rank loop on local gloo proces
 
 
 def job(args: argparse.Namespace, stages: int, schedule: str, micro: int):
+    """The run's config; ``interleaved_1f1b`` holds ``--virtual`` chunks per rank."""
     from sparkml_dist.config import JobConfig
 
     return JobConfig().replace(**{
@@ -46,7 +49,8 @@ def job(args: argparse.Namespace, stages: int, schedule: str, micro: int):
         "training.epochs": args.epochs, "training.seed": 1, "training.log_every_steps": 3,
         "backend.timeout_s": 300.0, "checkpoint.enabled": False, "data.val_fraction": 0.2,
         "strategy.kind": "model_parallel", "strategy.pipeline_stages": stages,
-        "strategy.schedule": schedule, "strategy.micro_batches": micro})
+        "strategy.schedule": schedule, "strategy.micro_batches": micro,
+        "strategy.virtual_stages": args.virtual if schedule == "interleaved_1f1b" else 1})
 
 
 def run(args: argparse.Namespace, stages: int, schedule: str, micro: int) -> dict:
@@ -81,7 +85,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=int, nargs="+", default=[2])
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
+    ap.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved_1f1b"])
+    ap.add_argument("--virtual", type=int, default=2, help="chunks per rank, interleaved only")
+    ap.add_argument("--no-unsplit", action="store_true",
+                    help="reuse the last unsplit result in results/pipeline.jsonl")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
@@ -95,18 +102,29 @@ def main() -> None:
              "epochs": args.epochs, "transport": "gloo on loopback, 1 thread per rank",
              "memory": "parameters + gradients + optimizer state + peak activations saved for "
                        "backward (distinct storages), largest rank"}
-    unsplit = run(args, 1, "gpipe", 1)
-    write_result("pipeline", {"part": "unsplit", "setup": setup, **unsplit})
+    if args.no_unsplit:
+        from common import RESULTS_DIR
+
+        lines = (RESULTS_DIR / "pipeline.jsonl").read_text().splitlines()
+        unsplit = [json.loads(x) for x in lines if json.loads(x).get("part") == "unsplit"][-1]
+        if unsplit["setup"] != setup:
+            raise SystemExit(f"the last unsplit result was measured with {unsplit['setup']}")
+    else:
+        unsplit = run(args, 1, "gpipe", 1)
+        write_result("pipeline", {"part": "unsplit", "setup": setup, **unsplit})
     for p in args.stages:
         for schedule in args.schedules:
             for m in args.micro:
                 if schedule == "1f1b" and m < p:
                     continue  # torch's 1F1B needs at least p micro-batches
+                if schedule == "interleaved_1f1b" and m % max(1, m // p):
+                    continue  # torch's interleaved rounds must divide the micro-batches
+                v = args.virtual if schedule == "interleaved_1f1b" else 1
                 r = run(args, p, schedule, m)
-                ideal = ideal_bubble(p, m)
+                ideal = ideal_bubble(p, m, v)
                 mem_ratio = r["peak_bytes_max_rank"] / unsplit["peak_bytes_max_rank"]
                 record = {"part": "pipeline", "setup": setup, "stages": p, "schedule": schedule,
-                          "micro_batches": m, **r, "ideal_bubble": ideal,
+                          "micro_batches": m, "virtual_stages": v, **r, "ideal_bubble": ideal,
                           "bubble_gap_points": 100 * (r["idle_share"] - ideal),
                           "bubble_goal": "within 5 points",
                           "bubble_ok": abs(r["idle_share"] - ideal) <= 0.05,
