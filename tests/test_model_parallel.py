@@ -191,7 +191,8 @@ def test_config_refuses_bad_values():
                                           r"interleaved_1f1b: interleaved_1f1b needs "
                                           r"virtual_stages >= 2"):
         mp_job(**{"strategy.schedule": "interleaved_1f1b"})
-    with pytest.raises(ConfigError, match=r"strategy.schedule: 'zero_bubble' is not one of 'gpipe', '1f1b'"):
+    with pytest.raises(ConfigError,
+                       match=r"strategy.schedule: 'zero_bubble' is not one of 'gpipe', '1f1b'"):
         mp_job(**{"strategy.schedule": "zero_bubble"})
 
 

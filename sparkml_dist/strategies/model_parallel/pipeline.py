@@ -12,9 +12,9 @@ rank still feeds the features and the last rank computes the loss.
 
 One step (:meth:`PipelineRunner.step`): the first stage sends the batch's labels to the last
 stage (one small point-to-point message), then every stage runs ``ScheduleGPipe``,
-``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` over ``strategy.micro_batches`` micro-batches with ``scale_grads=False`` and a
-micro-batch loss of ``sum / training.batch_size``, so the accumulated gradients are those of the
-batch's mean loss, as in one process.
+``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` over ``strategy.micro_batches`` micro-batches
+with ``scale_grads=False`` and a micro-batch loss of ``sum / training.batch_size``, so the
+accumulated gradients are those of the batch's mean loss, as in one process.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ and builds the job's optimizer and schedule over those parameters only.
 
 Step: pipeline, ``ScheduleGPipe``, ``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` (rank ``s``
 holding chunks ``s, s + p, ...`` of ``p x strategy.virtual_stages``) from
-``torch.distributed.pipelining`` over ``strategy.micro_batches`` micro-batches; tensor, one forward/backward through the sharded
-module. Then, with ``data_parallel > 1``, each parameter's gradient (shard) is averaged over the
-ranks holding the same stage and shard in the other replicas (one all_reduce of the flat
-gradients per step), and the optimizer steps. The result equals one process training the whole
-model on the concatenation of the replicas' batches.
+``torch.distributed.pipelining`` over ``strategy.micro_batches`` micro-batches; tensor, one
+forward/backward through the sharded module. Then, with ``data_parallel > 1``, each parameter's
+gradient (shard) is averaged over the ranks holding the same stage and shard in the other replicas
+(one all_reduce of the flat gradients per step), and the optimizer steps. The result equals one
+process training the whole model on the concatenation of the replicas' batches.
 
 Loss reported: the shared loop averages the per-rank loss over all ranks; a pipeline's loss
 exists on its last stage only, which reports it multiplied by ``P`` (the others report 0), so
@@ -39,26 +39,25 @@ Checkpoint: each rank's part is its stage's (or shards') parameters, optimizer a
 the mesh is in the job fingerprint, so resuming on another mesh is refused by the loop with the
 settings that differ. Resume guarantee: bitwise on the same mesh.
 
-Metrics per window: ``pipeline/idle_share_stage<s>`` (1 - compute time / wall time of stage
-``s``'s training steps, averaged over replicas; compute is the forward and backward of every
-micro-batch plus the optimizer step, wall time the whole step with its waits: for the labels,
-the schedule's receives and sends, the gradient all_reduce), ``pipeline/idle_share`` (their mean),
-``pipeline/ideal_bubble`` (``(p - 1) / (v m + p - 1)``, ``v`` the virtual stages), ``comm/activation_bytes_per_step``
-(activations forward plus their gradients backward, summed over all ranks) and
-``comm/input_bytes_per_step`` (what readers send to their peers), and, measured on the first
-step of each window (:mod:`.memory`), ``memory/state_bytes_max_rank`` (parameters, gradients and
-optimizer state of the largest rank), ``memory/saved_bytes_max_rank`` (its peak of activations
-saved for backward; not measured under tensor parallelism) and ``memory/peak_bytes_max_rank``
-(their sum, the largest over ranks).
+Metrics per window: ``pipeline/idle_share_stage<s>`` (1 - compute time / wall time of stage ``s``'s
+training steps, averaged over replicas; compute is the forward and backward of every micro-batch
+plus the optimizer step, wall time the whole step with its waits: for the labels, the schedule's
+receives and sends, the gradient all_reduce), ``pipeline/idle_share`` (their mean),
+``pipeline/ideal_bubble`` (``(p - 1) / (v m + p - 1)``, ``v`` the virtual stages),
+``comm/activation_bytes_per_step`` (activations forward plus their gradients backward, summed over
+all ranks) and ``comm/input_bytes_per_step`` (what readers send to their peers), and, measured on
+the first step of each window (:mod:`.memory`), ``memory/state_bytes_max_rank`` (parameters,
+gradients and optimizer state of the largest rank), ``memory/saved_bytes_max_rank`` (its peak of
+activations saved for backward; not measured under tensor parallelism) and
+``memory/peak_bytes_max_rank`` (their sum, the largest over ranks).
 
 Backend: point-to-point, subgroups and a device mesh (backend.name=torch, gloo on CPU or NCCL on
-GPU); Horovod is refused on the driver. What the ranks could not run is refused there too,
-before anything launches, rather than left to fail or wait inside torch: schedules other than
-GPipe, 1F1B and interleaved 1F1B (zero-bubble schedules are not offered), 1F1B with fewer
-micro-batches than stages, interleaved 1F1B with micro-batches that are not a multiple of its
-rounds, micro-batches of unequal size, tensor styles other than colwise and
-rowwise, pipeline and tensor parallelism together, and a split or plan that does not fit the
-model.
+GPU); Horovod is refused on the driver. What the ranks could not run is refused there too, before
+anything launches, rather than left to fail or wait inside torch: schedules other than GPipe, 1F1B
+and interleaved 1F1B (zero-bubble schedules are not offered), 1F1B with fewer micro-batches than
+stages, interleaved 1F1B with micro-batches that are not a multiple of its rounds, micro-batches of
+unequal size, tensor styles other than colwise and rowwise, pipeline and tensor parallelism
+together, and a split or plan that does not fit the model.
 """
 
 from __future__ import annotations
@@ -218,7 +217,8 @@ class ModelParallel(Strategy):
             self._chunks = [(i, stage_module(full, ranges, i)) for i in mine]
             # all of this rank's layers under their own names: its parameters and checkpoint
             self.net: nn.Module = nn.Sequential(OrderedDict(
-                (name, layer) for _, chunk in self._chunks for name, layer in chunk.named_children()))
+                (name, layer) for _, chunk in self._chunks
+                for name, layer in chunk.named_children()))
             self._layers = [len(r) for r in ranges]
             for d in range(self.mesh.data):  # every rank creates every group, in one order
                 g = ctx.comm.new_group(list(self.mesh.pipeline_ranks(d, 0)))
