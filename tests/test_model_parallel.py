@@ -234,6 +234,8 @@ def test_pipeline_equals_the_reference(data, tmp_path, stages, schedule, micro, 
     assert rows[-1]["comm/input_bytes_per_step"] == 16 * 8
     assert all(m["memory/state_bytes_max_rank"] > 0 and m["memory/saved_bytes_max_rank"] > 0
                for m in rows)
+    # one replica: 16 rows a step, however many stages share them
+    assert rows[-1]["perf/samples_per_s"] * rows[-1]["time/step_s"] == pytest.approx(16)
     assert res["metrics"]["val/accuracy"] > 0.5
 
 
@@ -270,8 +272,10 @@ def test_hybrid_2x2_mesh_equals_the_reference(data, tmp_path, inner):
     extra = {"strategy.data_parallel": 2}
     cfg = mp_job(4, **{**extra, "strategy.pipeline_stages": 2}) if inner == "pipeline" else \
         tp_job(4, **{**extra, "strategy.tensor_parallel": 2})
-    _ok(run_ranks(cfg, data, str(tmp_path)))
+    res = _ok(run_ranks(cfg, data, str(tmp_path)))
     assert _max_diff(final_model(str(tmp_path)), reference_weights(cfg, data, (0, 2))) < TOL
+    last = [m for _, m in res["sink"] if "perf/samples_per_s" in m][-1]
+    assert last["perf/samples_per_s"] * last["time/step_s"] == pytest.approx(32)  # 2 x 16 rows
 
 
 def _same(a, b, where: str) -> None:

@@ -111,5 +111,10 @@ class Strategy(ABC):
     def set_step(self, step: int) -> None:
         """Called before each step with its global index (e.g. for sampled timing)."""
 
+    def rows_per_step(self, batch_size: int, world_size: int) -> int:
+        """Training rows one step consumes over all ranks (for ``perf/samples_per_s``): every
+        rank's batch, unless ranks share one (model parallelism)."""
+        return batch_size * world_size
+
     def close(self) -> None:
         """Release what the strategy holds (hooks, threads)."""

@@ -355,7 +355,8 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
             check_finite_loss(agg[0], done)  # the same sum on every rank: all stop together
             elapsed = time.perf_counter() - window_t0
             window_t0 = time.perf_counter()  # the time spent reporting counts in the next window
-            metrics = window_metrics(agg, elapsed, loss_n, tc.batch_size * comm.world_size,
+            metrics = window_metrics(agg, elapsed, loss_n,
+                                     strategy.rows_per_step(tc.batch_size, comm.world_size),
                                      strategy, epoch + (s + 1) / steps, total)
             if rank == 0:
                 sink.log_metrics(metrics, done)

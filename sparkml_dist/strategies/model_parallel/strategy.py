@@ -414,6 +414,10 @@ class ModelParallel(Strategy):
         self.scheduler.load_state_dict(per_rank["scheduler"])
         self._steps = int(per_rank["steps"])
 
+    def rows_per_step(self, batch_size: int, world_size: int) -> int:
+        """One batch per replica: the stages or shards of a replica share it."""
+        return batch_size * self.mesh.data
+
     @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
