@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from sparkml_dist.config import _check
 from sparkml_dist.errors import ConfigError, DataError
+from sparkml_dist.tracking.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +156,11 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None, task: Task
         if not match and model.model_id:
             root = client.get_logged_model(model.model_id).artifact_location
     except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, bad URI schemes...
-        raise ConfigError(
+        raise ConfigError(redact_uri(  # the URIs, and MLflow's text quoting them, may hold a password
             f"cannot load model {model_uri!r} from the MLflow tracking store {tracking}: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Check the run id, "
             "model name and version or alias, and pass tracking_uri= (or set "
-            "MLFLOW_TRACKING_URI) if the model lives in another store.") from exc
+            "MLFLOW_TRACKING_URI) if the model lives in another store.")) from None
     if "pytorch" not in model.flavors:
         raise ConfigError(f"model {model_uri!r} has flavors {', '.join(model.flavors)}; "
                           "sparkml_dist scores PyTorch models. Use mlflow.pyfunc.spark_udf for "
@@ -642,5 +643,6 @@ def run_prediction(cfg: PredictConfig, spark: Any = None) -> BatchPrediction:
                      allow_pickle=cfg.allow_pickle)
     scored.write.mode(cfg.mode).parquet(cfg.output)
     rows = spark.read.parquet(cfg.output).count()
-    log.info("wrote %d predictions of %s to %s", rows, cfg.model_uri, cfg.output)
+    log.info("wrote %d predictions of %s to %s", rows, redact_uri(cfg.model_uri),
+             redact_uri(cfg.output))
     return BatchPrediction(output=cfg.output, rows=rows, model_uri=cfg.model_uri)

@@ -88,3 +88,19 @@ def test_a_ranks_failure_text_is_redacted_before_spark_logs_it():
     text = _redacted(spec, f"rank 0 failed: cannot log to {SERVER}: token {SECRET} refused, "
                            "key rendezvous-key")
     assert SECRET not in text and "rendezvous-key" not in text and text.count(REDACTED) == 3
+
+
+def test_a_model_that_cannot_be_resolved_is_named_without_the_stores_password(monkeypatch):
+    import pytest
+
+    from sparkml_dist.errors import ConfigError
+    from sparkml_dist.inference import resolve_model
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # nothing listens: fail at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(ConfigError) as info:
+        resolve_model("runs:/0123456789abcdef/model", tracking_uri=SERVER)
+    text = str(info.value)
+    assert "cannot load model 'runs:/0123456789abcdef/model'" in text
+    assert SECRET not in text and REDACTED in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # MLflow's text, too
