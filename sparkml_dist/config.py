@@ -444,10 +444,17 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted."""
     enabled: bool = True
     """Write checkpoints at all (resume needs them)."""
+    upload_timeout_s: float = 900.0
+    """How long a checkpoint's background upload may take before the next checkpoint (or the
+    end of training) fails every rank with an error naming this setting. Uploads run while the
+    ranks train, so a slow store never makes a collective time out."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps must be >= 0.")
         _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1.")
+        _check(math.isfinite(self.upload_timeout_s) and self.upload_timeout_s > 0,
+               f"checkpoint.upload_timeout_s must be a finite number of seconds > 0; got "
+               f"{self.upload_timeout_s!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,6 +34,8 @@ from sparkml_dist.training.checkpoint import CheckpointMeta, check_fingerprint
     ("tracking.progress_interval_s", -1.0, r"tracking\.progress_interval_s"),
     ("fault.deadline_s", 0.0, r"fault\.deadline_s must be unset or finite and > 0"),
     ("fault.deadline_s", math.inf, r"fault\.deadline_s must be unset or finite"),
+    ("checkpoint.upload_timeout_s", 0.0, r"checkpoint\.upload_timeout_s must be a finite .*> 0"),
+    ("checkpoint.upload_timeout_s", math.nan, r"checkpoint\.upload_timeout_s must be a finite"),
 ])
 def test_out_of_range_settings_fail_naming_the_range(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -134,7 +134,8 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     device = _device(ctx, cfg)
     comm = create_communicator(cfg.backend, endpoint, store, device)
     try:
-        ckpt = (MlflowCheckpointStore(spec.tracking_uri, spec.run_id, cfg.checkpoint.keep_last)
+        ckpt = (MlflowCheckpointStore(spec.tracking_uri, spec.run_id, cfg.checkpoint.keep_last,
+                                      upload_timeout_s=cfg.checkpoint.upload_timeout_s)
                 if cfg.checkpoint.enabled else None)
         sink = MlflowSink(spec.tracking_uri, spec.run_id) if endpoint.rank == 0 else NullSink()
         # Shuffle read + Arrow feed into the shard store, as seen by rank 0 (per attempt).

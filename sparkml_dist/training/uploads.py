@@ -81,9 +81,10 @@ class BackgroundUploads:
             if any(x for _, _, x, _ in states):
                 raise CheckpointError(
                     f"checkpoint {states[busy[0]][3]} is still being stored by rank(s) "
-                    f"{', '.join(map(str, busy))} after {self.timeout_s:.0f} s (the store's "
-                    "upload_timeout_s); training stops rather than wait longer. The store is too "
-                    "slow for the checkpoint's size: check its health, or checkpoint less often "
+                    f"{', '.join(map(str, busy))} after {self.timeout_s:.0f} s "
+                    "(checkpoint.upload_timeout_s); training stops rather than wait longer. The "
+                    "store is too slow for the checkpoint's size: check its health, raise "
+                    "checkpoint.upload_timeout_s, or checkpoint less often "
                     "(checkpoint.every_steps).")
             time.sleep(self.poll_s)
 
