@@ -127,17 +127,11 @@ def parse_size_mb(text: str | None) -> float | None:
     return float(m.group(1)) * scale
 
 
-def _worker_slots(conf: Callable[[str], str | None], master: str) -> int:
-    """Concurrent tasks (so Python workers) per executor: local[N]'s N, or executor cores."""
-    m = re.fullmatch(r"local\[(\*|\d+)(?:,\s*\d+)?\]", master.strip())
-    if m:
-        cores = (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
-    elif master == "local":
-        cores = 1
-    else:
-        cores = int(conf("spark.executor.cores") or 1)
-    task_cpus = int(conf("spark.task.cpus") or 1)
-    return max(1, cores // max(1, task_cpus))
+def _worker_slots(conf: Callable[[str], str | None]) -> int:
+    """The number of parts PySpark divides ``spark.executor.pyspark.memory`` into: the executor's
+    cores (``spark.executor.cores``, 1 when unset, local masters included), not its task slots;
+    each Python worker's limit is the setting divided by that."""
+    return max(1, int(conf("spark.executor.cores") or 1))
 
 
 def available_memory_bytes() -> int | None:
@@ -160,8 +154,8 @@ def check_shard_memory(data: DataConfig, rows: int, in_features: int, layout: Da
 
     A rank holds ``rows x in_features x 4`` bytes of features, up to ``data.shard_memory_mb`` in
     memory and the rest spilled to ``data.spill_dir``, plus :data:`ROW_BYTES_KEPT` a row and
-    :data:`WORKER_BASE_MB`. Checked against ``spark.executor.pyspark.memory`` (PySpark gives
-    each Python worker an equal part of it per executor core) where set, and under a local
+    :data:`WORKER_BASE_MB`. Checked against ``spark.executor.pyspark.memory`` (PySpark limits
+    each Python worker to the setting divided by ``spark.executor.cores``) where set, and under a local
     master against this host's available memory (``memory_bytes``, default read from the host)
     and the free disk where shards spill (``disk_bytes``, default measured there).
     """
@@ -177,7 +171,7 @@ def check_shard_memory(data: DataConfig, rows: int, in_features: int, layout: Da
     keep_mb = per_rank[r] * ROW_BYTES_KEPT / _MIB
     pyspark_mb = parse_size_mb(conf("spark.executor.pyspark.memory"))
     if pyspark_mb is not None:
-        slots = _worker_slots(conf, master)
+        slots = _worker_slots(conf)
         limit_mb = pyspark_mb / slots
         need_mb = held[r] / _MIB + WORKER_BASE_MB
         if need_mb > limit_mb:
@@ -188,9 +182,9 @@ def check_shard_memory(data: DataConfig, rows: int, in_features: int, layout: Da
             raise ConfigError(
                 f"{shape}, plus about {WORKER_BASE_MB:.0f} MiB for Python and torch: about "
                 f"{need_mb:.0f} MiB, but spark.executor.pyspark.memory="
-                f"{conf('spark.executor.pyspark.memory')} gives each of the executor's {slots} "
-                f"Python workers {limit_mb:.0f} MiB. Raise spark.executor.pyspark.memory to at "
-                f"least {math.ceil(need_mb * slots)}m{lower}.")
+                f"{conf('spark.executor.pyspark.memory')} limits each Python worker to "
+                f"{limit_mb:.0f} MiB (divided by spark.executor.cores={slots}). Raise "
+                f"spark.executor.pyspark.memory to at least {math.ceil(need_mb * slots)}m{lower}.")
     if not master.startswith("local"):
         return  # the executors' memory and disks are not visible from here
     avail = available_memory_bytes() if memory_bytes is None else memory_bytes

@@ -19,7 +19,7 @@ from tests.conftest import make_session
 
 ROWS, WIDTH = 20_000, 32  # 1.22 MiB of features per rank with 2 ranks
 PER_WORKER_MB = WORKER_BASE_MB + 1  # room for 1 MiB of shard data per Python worker
-PYSPARK_MEMORY = f"{int(2 * PER_WORKER_MB)}m"  # local[2]: two Python workers share it
+PYSPARK_MEMORY = f"{int(PER_WORKER_MB)}m"  # each Python worker's own limit: executor cores = 1
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,9 @@ def test_pyspark_memory_too_small_names_the_settings():
     conf = {"spark.executor.pyspark.memory": "1000m", "spark.executor.cores": "2"}.get
     layout = DataLayout.one_per_rank(2)
     with pytest.raises(ConfigError, match=r"rank 0 would hold 2000000 rows x 32 features .*"
-                                          r"spark\.executor\.pyspark\.memory=1000m gives each of "
-                                          r"the executor's 2 Python workers 500 MiB\. Raise "
+                                          r"spark\.executor\.pyspark\.memory=1000m limits each "
+                                          r"Python worker to 500 MiB \(divided by "
+                                          r"spark\.executor\.cores=2\)\. Raise "
                                           r"spark\.executor\.pyspark\.memory to at least 1350m, "
                                           r"or lower data\.shard_memory_mb to 69\.4 or less"):
         check_shard_memory(data_cfg(), 4_000_000, 32, layout, conf, "spark://h:7077")
@@ -104,3 +105,15 @@ def test_a_lower_shard_memory_budget_passes_the_check(spark, wide_path):
         assert sum(prepared.train_shard_sizes) + sum(prepared.val_shard_sizes) == ROWS
     finally:
         prepared.release()
+
+
+def test_the_check_divides_pyspark_memory_as_spark_does(spark):
+    """Spark's own per-worker limit (what the Python worker is told) equals the check's."""
+    import os
+
+    from sparkml_dist.driver_checks import _worker_slots
+
+    seen = spark.sparkContext.parallelize(range(2), 2).map(
+        lambda _: os.environ.get("PYSPARK_EXECUTOR_MEMORY_MB")).collect()
+    conf = spark.sparkContext.getConf().get
+    assert seen == [str(int(parse_size_mb(PYSPARK_MEMORY) / _worker_slots(conf)))] * 2
