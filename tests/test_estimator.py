@@ -63,6 +63,21 @@ def test_estimator_saves_and_loads_its_params(spark, tmp_path):
     assert back.uid == est.uid and back.job_config() == est.job_config()
 
 
+@pytest.mark.parametrize("params", [
+    {"trackingUri": "http://alice:hunter2pw@mlflow.example:5000"},
+    {"overrides": ["training.epochs=2", "data.read_options.password=hunter2pw"]},
+])
+def test_saving_refuses_params_that_hold_a_secret(spark, tmp_path, params):
+    for stage in (SparkMLDistEstimator(**params),
+                  SparkMLDistModel(modelUri="models:/m-1", trackingUri=params.get(
+                      "trackingUri", "http://bob:hunter2pw@h:5000"))):
+        with pytest.raises(ConfigError, match=r"would save a secret in plain text .*"
+                                              r"MLFLOW_TRACKING_PASSWORD"):
+            stage.save(str(tmp_path / "stage"))
+        assert not (tmp_path / "stage").exists()
+    SparkMLDistEstimator(overrides=["data.read_options.user=alice"]).save(str(tmp_path / "ok"))
+
+
 def _scores(df, cols=("prediction", "probability")):
     rows = df.orderBy("id").collect()
     return ([r[cols[0]] for r in rows], np.array([r[cols[1]].toArray() for r in rows]))

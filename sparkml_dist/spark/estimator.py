@@ -4,8 +4,9 @@ and the :class:`SparkMLDistModel` it returns scores with the project's batched A
 
 Both are ordinary ``pyspark.ml`` stages: they go in a :class:`pyspark.ml.Pipeline` after a
 ``VectorAssembler`` (the features column may be an ML vector or an array of numbers) and save and
-load with Spark ML persistence (``DefaultParamsWritable``/``DefaultParamsReadable``). A saved model
-holds no weights: its params point at the MLflow model (``modelUri``) and run (``runId``) that
+load with Spark ML persistence (``DefaultParamsWritable``/``DefaultParamsReadable``); saving refuses
+params that hold a secret (a URI password, a secret-named override). A saved model holds no
+weights: its params point at the MLflow model (``modelUri``) and run (``runId``) that
 ``fit`` logged, so loading it scores with exactly that model.
 
 Params map onto the typed :class:`~sparkml_dist.config.JobConfig`: a YAML file (``config``),
@@ -20,6 +21,7 @@ scoring use DataFrame operations and an Arrow UDF only).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable
 
 from pyspark import keyword_only
@@ -51,7 +53,8 @@ CONFIG_PARAMS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
     ("backend", "backend.name", TypeConverters.toString, "torch or horovod"),
     ("device", "backend.device", TypeConverters.toString, "cpu or cuda"),
     ("strategy", "strategy.kind", TypeConverters.toString,
-     "data_parallel or gossip (federated needs a client column; use fit())"),
+     "data_parallel, gossip, model_parallel or parameter_server (federated needs a client "
+     "column; use fit())"),
     ("trackingUri", "tracking.tracking_uri", TypeConverters.toString, "MLflow tracking URI"),
     ("experiment", "tracking.experiment", TypeConverters.toString, "MLflow experiment name"),
     ("runName", "tracking.run_name", TypeConverters.toString, "MLflow run name"),
@@ -84,9 +87,40 @@ class _ScoringParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol):
     """Columns the model reads and writes."""
 
 
+class _WritableWithoutSecrets(DefaultParamsWritable):
+    """Spark ML persistence that refuses to write a secret: params are saved as plain JSON, so a
+    tracking URI's password or a secret-named override would land on disk readable by anyone
+    who can read the path."""
+
+    def write(self) -> Any:
+        """The Spark ML writer, once no param holds a secret (else ConfigError naming it)."""
+        from sparkml_dist.tracking.redact import DEFAULT_REDACTION_REGEX, redact_uri
+
+        secret_key = re.compile(DEFAULT_REDACTION_REGEX)
+        found = []
+        for param in self.params:  # type: ignore[attr-defined]
+            if not self.isDefined(param):  # type: ignore[attr-defined]
+                continue
+            value = self.getOrDefault(param)  # type: ignore[attr-defined]
+            for text in value if isinstance(value, list) else [value]:
+                if not isinstance(text, str):
+                    continue
+                key, _, rest = text.partition("=") if param.name == "overrides" else ("", "", text)
+                if redact_uri(text) != text or (rest and secret_key.search(key)):
+                    found.append(param.name)
+        if found:
+            raise ConfigError(
+                f"{type(self).__name__} would save a secret in plain text (param "
+                f"{found[0]!r}: a URI password or a secret-named override). Keep credentials out "
+                "of the stage's params: set MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD in the environment, and pass read-option secrets "
+                "through the job's YAML config (param 'config') instead.")
+        return super().write()
+
+
 class SparkMLDistEstimator(Estimator["SparkMLDistModel"], _JobParams, _ScoringParams,
                            HasLabelCol, DefaultParamsReadable["SparkMLDistEstimator"],
-                           DefaultParamsWritable):
+                           _WritableWithoutSecrets):
     """Train a PyTorch model across Spark barrier tasks (:func:`sparkml_dist.fit`); ``fit``
     returns a :class:`SparkMLDistModel` pointing at the logged MLflow model.
 
@@ -160,7 +194,7 @@ class SparkMLDistEstimator(Estimator["SparkMLDistModel"], _JobParams, _ScoringPa
 
 
 class SparkMLDistModel(Model, _ScoringParams, DefaultParamsReadable["SparkMLDistModel"],
-                       DefaultParamsWritable):
+                       _WritableWithoutSecrets):
     """Scores ``featuresCol`` with an MLflow PyTorch model through the batched Arrow UDF.
 
     ``transform`` adds ``predictionCol`` (the label as trained: its original values for
