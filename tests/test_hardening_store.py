@@ -215,3 +215,17 @@ def test_an_upload_past_the_stores_bound_fails_every_rank_clearly(tmp_path):
             in text
         assert "upload_timeout_s" in text
     assert DirectoryCheckpointStore(tmp_path).complete_names() == []
+
+
+def test_the_best_model_is_stored_in_the_background_too(tmp_path):
+    from sparkml_dist.training.checkpoint import BEST_NAME
+
+    # Every epoch improves at first; each best-model write takes 4 s > backend.timeout_s.
+    cfg = job(2, timeout_s=3.0).replace(**{
+        "checkpoint.every_steps": 0,
+        "training.early_stopping": {"metric": "val/loss", "patience": 5, "keep_best": True}})
+    results = run_two(cfg, data(), str(tmp_path), {"delay_s": 4.0})
+    assert {s for s, _ in results.values()} == {"ok"}, results
+    best = tmp_path / BEST_NAME
+    assert (best / SHARED_PART).exists() and (best / META_FILE).exists()
+    assert DirectoryCheckpointStore(tmp_path).complete_names() == [dir_name(10), dir_name(5)]

@@ -30,7 +30,7 @@ from sparkml_dist.training.early_stopping import EarlyStopping, EarlyStoppingSta
 from sparkml_dist.training.feed import make_feed
 from sparkml_dist.training.checkpoint import (
     BEST_NAME, DEFAULT_UPLOAD_TIMEOUT_S, META_FILE, SHARED_PART, CheckpointMeta, CheckpointStore,
-    check_fingerprint, dir_name, encode_part, latest_loadable, load_part, part_file, store_part,
+    check_fingerprint, dir_name, encode_part, latest_loadable, load_part, part_file,
     wait_for_parts)
 from sparkml_dist.training.uploads import BackgroundUploads
 from sparkml_dist.training.objective import loss_fn, prepare_target
@@ -298,10 +298,11 @@ def make_stopper(cfg: JobConfig, meta: CheckpointMeta | None) -> EarlyStopping |
 def _early_stop(cfg: JobConfig, stopper: EarlyStopping, comm: Communicator,
                 checkpoints: CheckpointStore | None, module: nn.Module,
                 val_metrics: dict[str, float], epoch: int, done: int,
-                fingerprint: dict[str, Any]) -> bool:
+                fingerprint: dict[str, Any], uploads: BackgroundUploads | None = None) -> bool:
     """Feed the epoch's validation metric to the rule; rank 0 decides and broadcasts, so every
     rank stops after the same epoch. With ``keep_best``, rank 0 stores an improving epoch's
-    model under :data:`BEST_NAME`. Returns whether training stops now."""
+    model under :data:`BEST_NAME`, in the background like checkpoints (``uploads``), so a slow
+    store never holds up the collectives. Returns whether training stops now."""
     es = cfg.training.early_stopping
     assert es is not None
     decision: Any = None
@@ -310,12 +311,24 @@ def _early_stop(cfg: JobConfig, stopper: EarlyStopping, comm: Communicator,
         decision = (improved, stopper.state.to_dict())
     improved, state = comm.broadcast_object(decision, 0)
     stopper.state = EarlyStoppingState.from_dict(state)
-    if improved and es.keep_best and checkpoints is not None and comm.rank == 0:
-        parts = {SHARED_PART: store_part(checkpoints, BEST_NAME, SHARED_PART,
-                                         {"model": module.state_dict()})}
-        meta = CheckpointMeta(steps_done=done, epoch=epoch, step_in_epoch=-1, parts=parts,
-                              fingerprint=fingerprint, early_stopping=stopper.state.to_dict())
-        checkpoints.write_part(BEST_NAME, META_FILE, meta.to_json().encode())  # written last
+    if improved and es.keep_best and checkpoints is not None:
+        if uploads is not None:
+            uploads.drain_together(comm)  # every rank: the previous upload is done
+        if comm.rank == 0:
+            store = checkpoints
+            data, info = encode_part({"model": module.state_dict()})  # a snapshot, now
+            meta = CheckpointMeta(steps_done=done, epoch=epoch, step_in_epoch=-1,
+                                  parts={SHARED_PART: info}, fingerprint=fingerprint,
+                                  early_stopping=stopper.state.to_dict())
+
+            def store_best() -> None:
+                store.write_part(BEST_NAME, SHARED_PART, data)
+                store.write_part(BEST_NAME, META_FILE, meta.to_json().encode())  # written last
+
+            if uploads is None:
+                store_best()
+            else:
+                uploads.submit(BEST_NAME, store_best)
     if stopper.state.stopped:
         log.info("early stopping after epoch %d: %s has not improved for %d epoch(s); best %.6g "
                  "at epoch %d", epoch + 1, es.metric, stopper.state.bad_epochs,
@@ -372,7 +385,7 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
                 sink.log_metrics(val_metrics, done)
             if stopper is not None:
                 stop = _early_stop(cfg, stopper, comm, checkpoints, module, val_metrics, epoch,
-                                   done, fingerprint)
+                                   done, fingerprint, uploads)
         every = cfg.checkpoint.every_steps
         if checkpoints is not None and (end_of_epoch or (every and done % every == 0)):
             if loss_n:  # steps since the last window: never checkpoint a non-finite model
