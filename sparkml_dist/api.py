@@ -174,8 +174,10 @@ def _fit_parameter_server(spark: Any, df: Any, cfg: JobConfig, resume_run_id: st
                           force_resume: bool = False) -> FitResult:
     """``strategy.kind: parameter_server``: servers started by the driver, workers as one
     ordinary Spark stage (:mod:`sparkml_dist.strategies.parameter_server`), one MLflow run."""
-    from sparkml_dist.strategies.parameter_server.driver import fit_parameter_server
+    from sparkml_dist.strategies.parameter_server.driver import (
+        check_before_run, fit_parameter_server)
 
+    check_before_run(spark, cfg, lambda key: _conf(spark, key))
     return _fit_on_driver(fit_parameter_server, spark, df, cfg, resume_run_id, force_resume)
 
 

@@ -60,9 +60,10 @@ def _isolated_mlflow_globals():
 
 @pytest.fixture(scope="module")
 def spark(request):
-    """Module-scoped session; a module may set ``SPARK_MASTER = "local[3]"``."""
+    """Module-scoped session; a module may set ``SPARK_MASTER = "local[3]"`` and
+    ``SPARK_CONF = {key: value}`` (settings that end with its session)."""
     master = getattr(request.module, "SPARK_MASTER", "local[2]")
-    session = make_session(master)
+    session = make_session(master, **getattr(request.module, "SPARK_CONF", {}))
     yield session
     session.stop()
 

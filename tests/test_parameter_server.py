@@ -225,9 +225,11 @@ def test_async_never_waits_and_reaches_sync_accuracy(data, sync_run):
     for s in servers:
         hist.merge({int(k): v for k, v in s["report"]["staleness"].items()})
     assert hist.max() > 0  # pushes did land on parameters other workers had moved
-    # the fast worker finished well before the straggler: nobody waited for it
-    assert reps[0]["seconds"] < 0.7 * reps[1]["seconds"], (reps[0]["seconds"],
-                                                           reps[1]["seconds"])
+    # nobody waited for the straggler: the servers' event logs show the fast worker pulling
+    # steps far ahead of it (sync holds that lead to 1 step, ssp to s), whatever the load
+    for s in servers:
+        lead = _max_lead(s["events"])
+        assert lead >= 10, lead
 
 
 def test_killed_primary_fails_over_to_its_replica_without_restarting(data, sync_run):
@@ -333,3 +335,135 @@ def test_a_server_exits_when_its_driver_is_gone(tmp_path):
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
     raise AssertionError(f"server {pid} outlived its driver")
+
+
+# -- review fixes: commits, limits, stale replicas, spec files ------------------------------
+
+
+class _Store:
+    """A checkpoint store that records what it saved, optionally slow or failing."""
+
+    def __init__(self, fail: bool = False, delay_s: float = 0.0):
+        self.fail, self.delay_s = fail, delay_s
+        self.saved: list[int] = []
+        self.started = threading.Event()
+
+    def save(self, state, meta) -> None:
+        self.started.set()
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise OSError("artifact store unreachable")
+        self.saved.append(meta["steps_done"])
+
+
+def _cut_files(tmp_path, step: int = 20):
+    """Both shards' cut files for ``step`` of a 2-shard plan, as the shards write them."""
+    cfg = job("sync", 2)
+    plan = plan_job(cfg, 8, 3, [40, 40])
+    for i, vals in enumerate(plan.initial_values()):
+        vec = torch.cat([v.reshape(-1) for v in vals])
+        torch.save({"step": step, "values": vec}, tmp_path / f"shard{i}-step{step:09d}.pt")
+    return plan
+
+
+def test_a_failed_cut_commit_is_a_checkpoint_error_naming_the_step(tmp_path):
+    from sparkml_dist.errors import CheckpointError
+    from sparkml_dist.strategies.parameter_server.cuts import CutCollector
+
+    plan = _cut_files(tmp_path, 20)
+    with pytest.raises(CheckpointError, match=r"step 20 .*OSError: artifact store unreachable"):
+        with CutCollector(tmp_path, plan, _Store(fail=True), {}, interval_s=0.01):
+            time.sleep(0.2)  # the thread tries (and fails) at least once
+    # a training error already propagating is not hidden by the failing commit
+    with pytest.raises(ZeroDivisionError):
+        with CutCollector(tmp_path, plan, _Store(fail=True), {}, interval_s=0.01):
+            raise ZeroDivisionError("the workers failed")
+    # a commit that works is made once and its files are removed
+    store = _Store()
+    with CutCollector(tmp_path, plan, store, {}, interval_s=0.01):
+        pass
+    assert store.saved == [20] and not list(tmp_path.glob("shard*"))
+
+
+def test_the_final_sweep_waits_for_a_commit_the_thread_still_runs(tmp_path):
+    """``__exit__`` stops waiting for the thread (join timeout) while it is mid-commit: the
+    final sweep must not save the same step a second time."""
+    from sparkml_dist.strategies.parameter_server.cuts import CutCollector
+
+    plan = _cut_files(tmp_path, 20)
+    store = _Store(delay_s=0.5)
+    with CutCollector(tmp_path, plan, store, {}, interval_s=0.01, join_timeout_s=0.01):
+        assert store.started.wait(10)
+    assert store.saved == [20]
+
+
+def test_a_frame_announcing_a_huge_body_is_refused_before_it_is_read(tmp_path):
+    import struct
+
+    a, b = socket.socketpair()
+    with a, b:
+        # only the 8-byte prefix is sent: reading the tag or body would block
+        a.sendall(struct.pack(">II", 10, (1 << 32) - 1))
+        b.settimeout(5)
+        with pytest.raises(wire.WireError, match="over the limits"):
+            wire.recv(b, b"k" * 32, max_body=wire.max_body_for(100))
+    # a real server drops such a connection at once (it does not wait for 4 GiB)
+    cfg = job("sync", 1)
+    plan = plan_job(cfg, 8, 3, [40, 40])
+    group = ServerGroup("127.0.0.1", os.urandom(32))
+    try:
+        (ep,), = group.start(plan.specs, plan.initial_values(), 0)
+        with socket.create_connection((ep.host, ep.port), timeout=10) as s:
+            s.sendall(struct.pack(">II", 10, (1 << 32) - 1))
+            assert s.recv(1) == b""  # closed by the server, not a timeout
+    finally:
+        group.stop()
+
+
+def test_server_spec_files_are_gone_once_the_servers_are_up():
+    cfg = job("sync", 2, **{"strategy.replicas": 1})
+    plan = plan_job(cfg, 8, 3, [40, 40])
+    group = ServerGroup("127.0.0.1", os.urandom(32))
+    try:
+        group.start(plan.specs, plan.initial_values(), 1)
+        assert len(group.describe()) == 4
+        assert sorted(p.name for p in group.dir.glob("*.pt")) == []
+    finally:
+        group.stop()
+    assert not group.dir.exists()
+
+
+def test_failover_to_a_replica_its_primary_dropped_is_a_clear_error():
+    """The replica stalls (SIGSTOP) past backend.timeout_s, so its primary drops it at step 1
+    and goes on alone; the replica comes back, then the primary dies: a client must not fail
+    over to the live but stale replica (its pulls would silently return old values)."""
+    cfg = job("async", 1, **{"strategy.replicas": 1, "backend.timeout_s": 2.0})
+    plan = plan_job(cfg, 8, 3, [40, 40])
+    secret = os.urandom(32)
+    group = ServerGroup("127.0.0.1", secret)
+    try:
+        eps = group.start(plan.specs, plan.initial_values(), 1)
+        procs = {p["role"]: p for p in group.describe()}
+        client = Servers(eps, secret, 30.0, plan.sizes)
+        zeros = [np.ones(n, np.float32) for n in plan.sizes]
+        try:
+            _, versions = client.pull(0, 0)
+            client.push(0, 0, versions, zeros)
+            os.kill(procs["replica"]["pid"], signal.SIGSTOP)
+            try:
+                for step in (1, 2):  # the forward of step 1 times out: the replica is dropped
+                    _, versions = client.pull(0, step)
+                    client.push(0, step, versions, zeros)
+            finally:
+                os.kill(procs["replica"]["pid"], signal.SIGCONT)
+            os.kill(procs["primary"]["pid"], signal.SIGKILL)
+            with pytest.raises(ServerLost) as err:
+                client.pull(0, 3)
+        finally:
+            client.close()
+    finally:
+        group.stop()
+    msg = str(err.value)
+    assert f"shard 0 primary at {procs['primary']['address']}" in msg
+    assert f"shard 0 replica at {procs['replica']['address']}" in msg
+    assert "dropped it at step 1" in msg and "resume_run_id" in msg

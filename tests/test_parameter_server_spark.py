@@ -222,3 +222,23 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_async_with_cuts_and_too_few_slots_is_refused_before_launch(spark, df, tracking_uri):
+    """local[2] has 2 task slots: 3 async workers cannot all meet at a checkpoint cut (every
+    pull there waits for every worker), so the job is refused before any data is prepared;
+    without a cut before the last step async may run with fewer slots than workers."""
+    from sparkml_dist.errors import ClusterError
+    from sparkml_dist.strategies.parameter_server.driver import _check
+
+    cfg = config(tracking_uri, "strategy.mode=async", "training.num_workers=3",
+                 "training.epochs=2")
+    with pytest.raises(ClusterError, match=r"checkpoint\.enabled=true.*training\.epochs=2.*"
+                                           r"checkpoint\.every_steps=0.*training\.num_workers=3"
+                                           r".*2 task slots"):
+        fit(df, cfg)
+    with pytest.raises(ClusterError, match=r"checkpoint\.every_steps=10"):
+        _check(spark, cfg.replace(**{"training.epochs": 1, "checkpoint.every_steps": 10}),
+               cfg.strategy)
+    for ok in ({"training.epochs": 1}, {"checkpoint.enabled": False, "tracking.log_model": False}):
+        _check(spark, cfg.replace(**ok), cfg.strategy)  # no cut before the last step: allowed

@@ -24,11 +24,19 @@ Where things live, and why:
   acknowledged, all under the shard lock, so the replica applies the same pushes in the same
   order and holds the same state. When a primary is lost (connection refused, reset or closed),
   workers and the driver switch to the replica and re-send the request in flight; nothing
-  restarts and no checkpoint is read. A primary that loses its replica goes on alone.
+  restarts and no checkpoint is read. A primary that loses its replica goes on alone and says
+  so in its replies; a client that then loses that primary fails with an error naming the
+  shard, both servers and the step the replica was dropped at, instead of failing over to stale
+  state.
 - Transport (:mod:`.wire`): length-prefixed JSON header plus raw float32 bytes per frame, every
   frame authenticated with HMAC-SHA256 under a per-job secret the driver draws and ships in the
-  task closure; nothing from the network is unpickled. Every wait is bounded by
-  ``backend.timeout_s``, and a lost shard is an error naming its shard, role and address.
+  task closure; nothing from the network is unpickled. The wire is authenticated but NOT
+  encrypted: on a cluster with ``spark.ssl.enabled`` or ``spark.network.crypto.enabled`` the job
+  is refused before its run starts unless ``backend.allow_unencrypted`` is true
+  (:func:`.driver.check_before_run`; docs/security.md). A server refuses a frame announcing
+  more than its shard's values before reading it, and drops connections idle for
+  4 x ``backend.timeout_s``. Every wait is bounded by ``backend.timeout_s``, and a lost shard is
+  an error naming its shard, role and address.
 
 - Checkpoints (:mod:`.cuts`) are consistent cuts: at each epoch end and every
   ``checkpoint.every_steps`` steps, every shard holds the pulls for that step until every worker

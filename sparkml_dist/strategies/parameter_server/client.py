@@ -49,6 +49,8 @@ class ShardClient:
     failovers: list[dict[str, Any]] = field(default_factory=list)
     bytes_out: int = 0
     bytes_in: int = 0
+    replica_lost: dict[str, Any] | None = None
+    """What the primary said about its replica once it dropped it (step, cause)."""
 
     @property
     def current(self) -> Endpoint:
@@ -94,9 +96,26 @@ class ShardClient:
                 self.failovers.append({"shard": ep.shard, "from": str(ep),
                                        "to": str(self.current), "context": context,
                                        "t": time.time()})
+                self._check_caught_up(ep, "; ".join(errors))
+        if "replica_lost" in reply and self.replica_lost is None:
+            self.replica_lost = dict(reply["replica_lost"])
         if "error" in reply:
             raise ServerError(f"parameter server {ep}: {reply['error']}")
         return reply, out
+
+    def _check_caught_up(self, lost: Endpoint, why: str) -> None:
+        """After failing over from ``lost``: refuse a replica that primary had dropped (it
+        said so in its replies), since the replica misses the pushes applied after that and
+        would answer with a step mismatch or hold pulls until the timeout. A client that got
+        no reply after the drop acknowledged nothing the replica lacks."""
+        dropped = self.replica_lost
+        if dropped is None:
+            return
+        raise ServerLost(
+            f"parameter server shard {lost.shard} is lost: {why}. Its replica ({self.current}) "
+            f"cannot take over: {lost} had dropped it at step {dropped.get('step')} "
+            f"({dropped.get('why')}) and went on alone, so the replica misses the updates since."
+            " Resume the run from its last checkpoint (fit(..., resume_run_id=...)).") from None
 
     def close(self) -> None:
         if self.sock is not None:

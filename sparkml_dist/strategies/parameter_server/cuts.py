@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sparkml_dist.config import JobConfig, to_dict
-from sparkml_dist.errors import ConfigError
+from sparkml_dist.errors import CheckpointError, ConfigError
 from sparkml_dist.strategies.parameter_server.plan import JobPlan
 from sparkml_dist.training.checkpoint import check_fingerprint
 
@@ -53,34 +53,72 @@ class CutCollector:
     """Turns the shards' cut files into checkpoints of the run, from a background thread."""
 
     def __init__(self, cut_dir: Path, plan: JobPlan, store: Any, fp: dict[str, Any],
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = 0.5, join_timeout_s: float = 60.0,
+                 lock_timeout_s: float = 900.0) -> None:
         self.cut_dir, self.plan, self.store, self.fp = cut_dir, plan, store, fp
-        self.interval_s = interval_s
+        self.interval_s, self.join_timeout_s = interval_s, join_timeout_s
+        self.lock_timeout_s = lock_timeout_s
+        self.failed_step: int | None = None
         self.saved: list[int] = []
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # one sweep at a time: the thread's and the final one
         self._thread = threading.Thread(target=self._loop, name="sparkml_dist-ps-cuts",
                                         daemon=True)
         self.error: BaseException | None = None
+        """The first commit that failed in the background thread (retried on each sweep)."""
 
     def __enter__(self) -> CutCollector:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        """Stop the thread and commit the cuts written in the last moments (or just before a
+        failure). A commit that still fails raises :class:`CheckpointError` naming its step,
+        unless a training error is already propagating (then it is only logged, and the
+        training error propagates)."""
         self._stop.set()
-        self._thread.join(timeout=60)
-        self.sweep()  # cuts written in the last moments (or just before a failure)
+        self._thread.join(timeout=self.join_timeout_s)  # sweep() waits out a commit still running
+        try:
+            self.sweep()  # retries a step whose commit failed in the thread, oldest first
+        except Exception as err:  # noqa: BLE001 - raised below, or logged under exc
+            if exc is not None:
+                log.exception("could not commit a parameter-server checkpoint (the job failed "
+                              "already: %s)", exc)
+                return
+            cause = self.error or err
+            raise CheckpointError(
+                f"the parameter-server checkpoint at step {self.failed_step} could not be "
+                f"committed into the run: {type(err).__name__}: {err}. Training ended, but "
+                "its cuts (and final model) are not saved; check the tracking store "
+                "(tracking.tracking_uri) and resume the run.") from cause
+        if self.error is not None:
+            log.warning("a parameter-server checkpoint commit failed once (%s) and succeeded "
+                        "on retry", self.error)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.sweep()
-            except Exception as exc:  # noqa: BLE001 - reported after training
-                log.exception("could not commit a parameter-server checkpoint")
-                self.error = exc
+            except Exception as exc:  # noqa: BLE001 - retried; raised by __exit__ if it lasts
+                log.exception("could not commit a parameter-server checkpoint (retried)")
+                if self.error is None:
+                    self.error = exc
 
     def sweep(self) -> None:
-        """Commit every step that all shards have written, oldest first."""
+        """Commit every step that all shards have written, oldest first, one caller at a time
+        (the thread's sweep and the final one never save the same step twice); a failing
+        commit raises and leaves its step in :attr:`failed_step`."""
+        if not self._lock.acquire(timeout=self.lock_timeout_s):
+            raise CheckpointError(f"a parameter-server checkpoint commit still runs after "
+                                  f"{self.lock_timeout_s:.0f} s; the tracking store is not "
+                                  "answering (tracking.tracking_uri).")
+        try:
+            self._sweep()
+        finally:
+            self._lock.release()
+
+    def _sweep(self) -> None:
         by_step: dict[int, dict[int, Path]] = {}
         for path in self.cut_dir.glob("shard*-step*.pt"):
             m = _NAME.search(path.name)
@@ -94,10 +132,14 @@ class CutCollector:
             states = [torch.load(files[i], map_location="cpu", weights_only=True)
                       for i in range(shards)]
             spe = self.plan.steps_per_epoch
-            self.store.save({"cut_step": step, "shards": states,
-                             "model": self.plan.state_from([s["values"] for s in states])},
-                            {"steps_done": step, "epoch": step // spe,
-                             "step_in_epoch": step % spe, "fingerprint": self.fp})
+            try:
+                self.store.save({"cut_step": step, "shards": states,
+                                 "model": self.plan.state_from([s["values"] for s in states])},
+                                {"steps_done": step, "epoch": step // spe,
+                                 "step_in_epoch": step % spe, "fingerprint": self.fp})
+            except Exception:
+                self.failed_step = step
+                raise
             self.saved.append(step)
             for p in files.values():
                 p.unlink(missing_ok=True)

@@ -47,6 +47,34 @@ def driver_host(spark: Any) -> str:
     return socket.gethostbyname(host)
 
 
+def check_before_run(spark: Any, cfg: JobConfig, conf: Any) -> None:
+    """What a parameter-server job checks before its MLflow run exists: the environment
+    (``fault.inject`` only in tests, ``data.spill_dir``), the network's encryption and the
+    executors' Python (``conf(key)`` reads a Spark setting, "" when unset). The servers' wire
+    is authenticated (HMAC-SHA256 under a per-job secret) but not encrypted, so a cluster that
+    encrypts its own traffic (``spark.ssl.enabled``, ``spark.network.crypto.enabled``) refuses
+    the job unless ``backend.allow_unencrypted`` is true. The tracking store is not checked
+    against the executors: in this strategy only the driver writes to the run."""
+    from sparkml_dist.driver_checks import ENCRYPTION_CONFS, check_environment
+    from sparkml_dist.spark.preflight import check_executors
+    from sparkml_dist.tracking.mlflow_store import default_tracking_uri
+
+    check_environment(cfg, conf("spark.master"))
+    on = [k for k in ENCRYPTION_CONFS if str(conf(k) or "false").strip().lower() == "true"]
+    if on and not cfg.backend.allow_unencrypted:
+        raise ConfigError(
+            f"this cluster encrypts its traffic ({', '.join(k + '=true' for k in on)}), but "
+            "strategy.kind=parameter_server sends parameters and gradients between the "
+            "executors and the servers on the driver unencrypted (authenticated per job, not "
+            "encrypted). Set backend.allow_unencrypted=true to train anyway on a network you "
+            "trust.")
+    if on:
+        log.warning("%s is on, but backend.allow_unencrypted=true: parameters and gradients "
+                    "cross the network to the parameter servers unencrypted", " and ".join(on))
+    check_executors(spark, cfg.training.num_workers,
+                    default_tracking_uri(cfg.tracking.tracking_uri))
+
+
 def _check(spark: Any, cfg: JobConfig, ps: ParameterServerConfig) -> None:
     from sparkml_dist.spark.preflight import available_slots
 
@@ -59,10 +87,22 @@ def _check(spark: Any, cfg: JobConfig, ps: ParameterServerConfig) -> None:
         raise ConfigError(f"strategy.straggler_sleep_s names workers {bad}, but "
                           f"training.num_workers={w} (workers 0..{w - 1}).")
     slots = available_slots(spark)
-    if ps.mode != "async" and slots is not None and slots < w:
+    if slots is None or slots >= w:
+        return
+    if ps.mode != "async":
         raise ClusterError(f"strategy.mode={ps.mode} needs all {w} workers running at once, but "
                            f"the session has {slots} task slots. Lower training.num_workers or "
                            "add executors.")
+    ck = cfg.checkpoint
+    if ck.enabled and (cfg.training.epochs > 1 or ck.every_steps > 0):
+        # Every pull at a cut step waits for all workers (a consistent cut): the workers that
+        # run first would wait for those that never got a slot until backend.timeout_s.
+        raise ClusterError(
+            f"strategy.mode=async with checkpoint.enabled=true cuts a checkpoint before the last "
+            f"step (training.epochs={cfg.training.epochs}, checkpoint.every_steps="
+            f"{ck.every_steps}), where all training.num_workers={w} workers must meet, but the "
+            f"session has {slots} task slots. Lower training.num_workers to {slots}, add "
+            "executors, or set checkpoint.enabled=false.")
 
 
 def fit_parameter_server(spark: Any, df: Any, cfg: JobConfig, run: Any) -> dict[str, Any]:
@@ -226,16 +266,19 @@ def _train(prepared: Any, task: WorkerTask, group: ServerGroup, plan: JobPlan, s
     """Run the workers' stage (partition r = worker r) while the cut collector commits
     checkpoints; return the workers' reports and the stage's wall time."""
     t0 = time.monotonic()
-    try:
-        with _collector(group, plan, store, cfg):
+    # A checkpoint commit that failed raises CheckpointError when the collector exits (after
+    # the stage, so a job never ends FINISHED without its cuts); a failed stage raises
+    # TrainingFailed through it.
+    with _collector(group, plan, store, cfg):
+        try:
             table = prepared.frame.mapInArrow(functools.partial(run_worker_task, task),
                                               RESULT_DDL).toArrow()
-    except Exception as exc:
-        dead = group.dead()
-        raise TrainingFailed(
-            "parameter-server workers failed"
-            + (f" (servers gone: {', '.join(dead)})" if dead else "")
-            + f": {_last_line(exc)}") from exc
+        except Exception as exc:
+            dead = group.dead()
+            raise TrainingFailed(
+                "parameter-server workers failed"
+                + (f" (servers gone: {', '.join(dead)})" if dead else "")
+                + f": {_last_line(exc)}") from exc
     workers = sorted((json.loads(r) for r in table.column("report").to_pylist()),
                      key=lambda r: r["worker"])
     return workers, time.monotonic() - t0

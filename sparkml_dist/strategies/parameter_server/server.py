@@ -3,7 +3,7 @@
 Started by the driver as ``python -m sparkml_dist.strategies.parameter_server.server SPEC``:
 ``SPEC`` is a local file (``torch.load(weights_only=True)``: plain dicts and tensors) with the
 :class:`~.shard.ShardSpec`, the shard's initial values and, on resume, the state of the cut it
-continues from; the job secret (hex) arrives on
+continues from, which the server deletes once read; the job secret (hex) arrives on
 stdin, never in arguments or the environment. The process binds ``host:0`` and prints
 ``READY <port>`` on stdout; then it serves until told ``shutdown``, killed, or its driver is
 gone (it watches its parent process).
@@ -17,6 +17,8 @@ Requests (JSON header, raw float32 body, see :mod:`.wire`):
   worker (chain replication), all under the shard lock so the replica applies pushes in the
   primary's order and holds identical state. A duplicate (same worker and step) is acked and
   ignored. With ``pull_next`` the reply is also the pull for ``step + 1`` (same rule, same wait).
+  A primary that lost its replica goes on alone and says so in every reply
+  (``replica_lost: {step, why}``), so its clients refuse to fail over to the stale replica.
 - ``state`` -> body: the values; header: version and clocks. ``report`` -> measurements and
   the event log. ``shutdown``.
 """
@@ -29,12 +31,16 @@ import socketserver
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from sparkml_dist.strategies.parameter_server import wire
 from sparkml_dist.strategies.parameter_server.shard import PullTimeout, Shard, ShardSpec
 
 log = logging.getLogger(__name__)
+
+IDLE_FACTOR = 4.0
+"""An accepted connection idle for ``IDLE_FACTOR * backend.timeout_s`` is closed."""
 
 
 class _Forwarder:
@@ -44,6 +50,8 @@ class _Forwarder:
         self.address, self.secret, self.timeout_s = address, secret, timeout_s
         self.sock: socket.socket | None = None
         self.lost: str | None = None
+        self.lost_at: int | None = None
+        """The step of the first push the replica did not get (it holds the state before)."""
 
     def forward(self, header: dict[str, Any], body: bytes) -> None:
         if self.lost is not None:
@@ -56,6 +64,7 @@ class _Forwarder:
             reply, _, _ = wire.recv(self.sock, self.secret)
         except (OSError, wire.WireError) as exc:
             self.lost = f"{type(exc).__name__}: {exc}"
+            self.lost_at = int(header["step"])
             log.error("replica at %s:%d lost (%s); this primary goes on alone", *self.address,
                       self.lost)
             return
@@ -70,9 +79,13 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         srv = self.server
+        # A connection idle for this long is dropped, so it does not hold a thread forever;
+        # a worker's requests come much more often (its client reconnects when dropped).
+        sock.settimeout(IDLE_FACTOR * srv.shard.spec.timeout_s)
+        max_body = wire.max_body_for(srv.shard.numel)
         while not srv.stopping.is_set():
             try:
-                header, body, n = wire.recv(sock, srv.secret)
+                header, body, n = wire.recv(sock, srv.secret, max_body)
             except (OSError, wire.WireError) as exc:
                 if not isinstance(exc, wire.WireError) or "closed" not in str(exc):
                     log.warning("dropping a connection: %s", exc)
@@ -84,6 +97,10 @@ class _Handler(socketserver.BaseRequestHandler):
             except Exception as exc:  # noqa: BLE001 - answered to the client, who raises it
                 log.exception("request %s failed", header.get("op"))
                 reply, out = {"error": f"{type(exc).__name__}: {exc}"}, b""
+            fwd = srv.forwarder
+            if fwd is not None and fwd.lost is not None:
+                # Clients remember it: failing over to this stale replica later is an error.
+                reply["replica_lost"] = {"step": fwd.lost_at, "why": fwd.lost}
             try:
                 sent = wire.send(sock, srv.secret, reply, out)
             except OSError:
@@ -182,6 +199,9 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     raw = torch.load(argv[1], weights_only=True)
+    # The spec holds the shard's weights and optimizer state: gone from disk once read, so a
+    # driver killed without cleaning up leaves none of it behind.
+    Path(argv[1]).unlink(missing_ok=True)
     secret = bytes.fromhex(sys.stdin.readline().strip())
     spec = ShardSpec.from_dict(raw["spec"])
 

@@ -22,6 +22,16 @@ _PREFIX = struct.Struct(">II")
 _TAG = 32
 MAX_HEADER = 1 << 24
 MAX_BODY = 1 << 34
+"""The largest body a client accepts; a server passes its own, far smaller bound to
+:func:`recv` (:func:`max_body_for`)."""
+HEADER_SLACK = 1 << 16
+"""Bytes a server allows beyond a shard's values in one request's body."""
+
+
+def max_body_for(numel: int) -> int:
+    """The largest body a server of a ``numel``-value shard can legitimately receive (a push's
+    float32 gradient), plus slack."""
+    return 4 * numel + HEADER_SLACK
 
 
 class WireError(ConnectionError):
@@ -53,12 +63,15 @@ def send(sock: socket.socket, secret: bytes, header: dict[str, Any], body: bytes
     return len(prefix) + _TAG + len(head) + len(body)
 
 
-def recv(sock: socket.socket, secret: bytes) -> tuple[dict[str, Any], bytes, int]:
+def recv(sock: socket.socket, secret: bytes, max_body: int = MAX_BODY
+         ) -> tuple[dict[str, Any], bytes, int]:
     """Read one frame; return ``(header, body, bytes read)``. Raises :class:`WireError` when the
-    peer closed or the frame does not authenticate."""
+    peer closed, the frame does not authenticate, or its prefix announces more than
+    ``max_body`` body bytes (refused before anything past the prefix is read, so a peer
+    without the secret cannot make the reader buffer it)."""
     prefix = _recv_exact(sock, _PREFIX.size)
     hlen, blen = _PREFIX.unpack(prefix)
-    if hlen > MAX_HEADER or blen > MAX_BODY:
+    if hlen > MAX_HEADER or blen > max_body:
         raise WireError(f"frame of {hlen} header / {blen} body bytes is over the limits; the "
                         "peer is not a parameter server of this job")
     tag = _recv_exact(sock, _TAG)
