@@ -2,8 +2,9 @@
 hand-computed cases, then real server processes on loopback with workers in threads: ``sync``
 against the single-process reference (1 and 2 shards), ``ssp``'s bound from the servers' event
 logs, ``async``/``ssp`` accuracy against ``sync``, failover to a replica after the primary is
-killed, a retried worker resuming from its server-side clock, a dead server's error, and frames
-that fail authentication."""
+killed, a retried worker resuming from its server-side clock, a dead server's error, frames
+that fail authentication or announce too large a body, checkpoint commits that fail or race the
+final sweep, failover to a replica its primary dropped, and spec files gone once servers run."""
 
 from __future__ import annotations
 
