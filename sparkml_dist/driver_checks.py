@@ -81,21 +81,26 @@ ENCRYPTION_CONFS = ("spark.ssl.enabled", "spark.network.crypto.enabled")
 """Spark settings that say the cluster's traffic must be encrypted."""
 
 
-def check_encryption(cfg: JobConfig, conf: Callable[[str], str | None]) -> None:
-    """Refuse unencrypted collectives on a cluster that encrypts its own traffic, unless
-    ``backend.allow_unencrypted`` is true (then warn). ``conf(key)`` reads a Spark setting."""
+def check_encryption(cfg: JobConfig, conf: Callable[[str], str | None],
+                     traffic: tuple[str, str] | None = None) -> None:
+    """Refuse unencrypted traffic on a cluster that encrypts its own, unless
+    ``backend.allow_unencrypted`` is true (then warn). ``conf(key)`` reads a Spark setting.
+    ``traffic`` is (what sends, what crosses the network) for the messages; default: the
+    backend's collectives."""
     on = [key for key in ENCRYPTION_CONFS if str(conf(key) or "false").strip().lower() == "true"]
     if not on:
         return
+    sender, crossing = traffic or (
+        f"backend.name={cfg.backend.name} sends tensors between executors unencrypted (gloo, "
+        "NCCL and Horovod have no encryption)",
+        f"the {cfg.backend.name} backend's collectives (tensors, gradients) cross the network")
     if cfg.backend.allow_unencrypted:
-        log.warning("%s is on, but backend.allow_unencrypted=true: the %s backend's collectives "
-                    "(tensors, gradients) cross the network unencrypted", " and ".join(on),
-                    cfg.backend.name)
+        log.warning("%s is on, but backend.allow_unencrypted=true: %s unencrypted",
+                    " and ".join(on), crossing)
         return
     raise ConfigError(f"this cluster encrypts its traffic ({', '.join(k + '=true' for k in on)}), "
-                      f"but backend.name={cfg.backend.name} sends tensors between executors "
-                      "unencrypted (gloo, NCCL and Horovod have no encryption). Set "
-                      "backend.allow_unencrypted=true to train anyway on a network you trust.")
+                      f"but {sender}. Set backend.allow_unencrypted=true to train anyway on a "
+                      "network you trust.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,22 +55,15 @@ def check_before_run(spark: Any, cfg: JobConfig, conf: Any) -> None:
     encrypts its own traffic (``spark.ssl.enabled``, ``spark.network.crypto.enabled``) refuses
     the job unless ``backend.allow_unencrypted`` is true. The tracking store is not checked
     against the executors: in this strategy only the driver writes to the run."""
-    from sparkml_dist.driver_checks import ENCRYPTION_CONFS, check_environment
+    from sparkml_dist.driver_checks import check_encryption, check_environment
     from sparkml_dist.spark.preflight import check_executors
     from sparkml_dist.tracking.mlflow_store import default_tracking_uri
 
     check_environment(cfg, conf("spark.master"))
-    on = [k for k in ENCRYPTION_CONFS if str(conf(k) or "false").strip().lower() == "true"]
-    if on and not cfg.backend.allow_unencrypted:
-        raise ConfigError(
-            f"this cluster encrypts its traffic ({', '.join(k + '=true' for k in on)}), but "
-            "strategy.kind=parameter_server sends parameters and gradients between the "
-            "executors and the servers on the driver unencrypted (authenticated per job, not "
-            "encrypted). Set backend.allow_unencrypted=true to train anyway on a network you "
-            "trust.")
-    if on:
-        log.warning("%s is on, but backend.allow_unencrypted=true: parameters and gradients "
-                    "cross the network to the parameter servers unencrypted", " and ".join(on))
+    check_encryption(cfg, conf, (
+        "strategy.kind=parameter_server sends parameters and gradients between the executors "
+        "and the servers on the driver unencrypted (authenticated per job, not encrypted)",
+        "parameters and gradients cross the network to the parameter servers"))
     check_executors(spark, cfg.training.num_workers,
                     default_tracking_uri(cfg.tracking.tracking_uri))
 
