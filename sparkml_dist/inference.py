@@ -413,15 +413,28 @@ def task_device() -> Any:
     return torch.device("cuda", int(gpus.addresses[0]))
 
 
-def model_on(model: Any, device: Any) -> Any:
-    """``model`` moved to ``device`` (a torch.export program is left where it was traced)."""
+def model_on(model: Any, device: Any, probe: np.ndarray | None = None) -> tuple[Any, Any]:
+    """``(model, device)``: ``model`` on ``device`` and the device its inputs must go to. Falls
+    back to the CPU, with a warning, when the model cannot move there (a torch.export program
+    keeps the device it was traced on) or when its first forward there, on the first row of
+    ``probe``, fails."""
+    import torch
+
+    cpu = torch.device("cpu")
     if device.type == "cpu" or not hasattr(model, "to"):
-        return model
+        return model, cpu
     try:
-        return model.to(device)
-    except (NotImplementedError, RuntimeError):
-        log.warning("the model cannot be moved to %s; scoring on the CPU", device)
-        return model
+        moved = model.to(device)
+        if probe is not None and len(probe):
+            with torch.inference_mode():
+                moved(torch.from_numpy(np.array(probe[:1], dtype=np.float32)).to(device))
+        return moved, device
+    except Exception as exc:  # noqa: BLE001 - any failure there: score where the model came from
+        log.warning("the model cannot run on %s (%s); scoring on the CPU", device, exc)
+        try:
+            return model.to(cpu), cpu
+        except Exception:  # noqa: BLE001 - it never left the CPU
+            return model, cpu
 
 
 def forward(model: Any, x: np.ndarray, batch_size: int, num_outputs: int,
@@ -430,6 +443,7 @@ def forward(model: Any, x: np.ndarray, batch_size: int, num_outputs: int,
 
     On a GPU the whole Arrow batch (at most ``spark.sql.execution.arrow.maxRecordsPerBatch``
     rows) goes through in one pass: the GPU is fed large slices, and only the outputs come back.
+    If that runs out of GPU memory the slices are halved, down to ``batch_size`` rows.
     """
     import torch
 
@@ -437,13 +451,22 @@ def forward(model: Any, x: np.ndarray, batch_size: int, num_outputs: int,
         return np.empty((0, num_outputs), np.float32)
     on_gpu = device is not None and device.type == "cuda"
     step = len(x) if on_gpu else batch_size
-    with torch.inference_mode():
-        outs = [model(torch.from_numpy(x[i:i + step]).to(device) if on_gpu else
-                      torch.from_numpy(x[i:i + step])) for i in range(0, len(x), step)]
-        y = torch.cat(outs) if len(outs) > 1 else outs[0]
-        if softmax:
-            y = torch.softmax(y, dim=1)
-        return y.reshape(len(x), -1).float().cpu().numpy()
+    while True:
+        try:
+            with torch.inference_mode():
+                outs = [model(torch.from_numpy(x[i:i + step]).to(device) if on_gpu else
+                              torch.from_numpy(x[i:i + step])) for i in range(0, len(x), step)]
+                y = torch.cat(outs) if len(outs) > 1 else outs[0]
+                if softmax:
+                    y = torch.softmax(y, dim=1)
+                return y.reshape(len(x), -1).float().cpu().numpy()
+        except torch.OutOfMemoryError:
+            if not on_gpu or step <= batch_size:
+                raise
+            outs = y = None  # type: ignore[assignment]
+            torch.cuda.empty_cache()
+            step = max(batch_size, step // 2)
+            log.warning("out of GPU memory scoring %d rows at once; trying %d", len(x), step)
 
 
 def result_array(spec: ModelSpec, y: np.ndarray, classes: pa.Array | None) -> pa.StructArray:
@@ -467,9 +490,8 @@ def score_batches(spec: ModelSpec, batches: Iterator[Any]) -> Iterator[pa.Array]
         cols = batch if isinstance(batch, tuple) else (batch,)
         x, mask = feature_matrix(cols, spec.in_features, repr(spec.uri), spec.fills_missing)
         if model is None:  # after the first batch passed its checks: bad data fails fast
-            device = task_device()
-            model = model_on(load_torch_model(spec.location, spec.tracking_uri,
-                                              spec.allow_pickle), device)
+            model, device = model_on(load_torch_model(spec.location, spec.tracking_uri,
+                                                      spec.allow_pickle), task_device(), x)
         y = forward(model, x, spec.batch_size, spec.num_outputs, spec.task == "classification",
                     device)
         out = result_array(spec, y, classes)

@@ -42,8 +42,13 @@ class TorchCommunicator:
                                       is_master=False, timeout=self._timeout)
             self.store = dist.PrefixStore(f"sparkml_dist/attempt-{endpoint.attempt}", store)
             self._raw_store = store  # rank 0 hosts it: keep it alive as long as the group
+            # On a GPU, naming the device creates the NCCL communicator now, within the
+            # timeout, instead of lazily at whichever collective comes first (which torch
+            # requires every rank to join when it is a point-to-point batch).
+            eager = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend, store=self.store, rank=endpoint.rank,
-                                    world_size=endpoint.world_size, timeout=self._timeout)
+                                    world_size=endpoint.world_size, timeout=self._timeout,
+                                    **eager)
             log.info("rank %d/%d joined the %s group (attempt %d)", endpoint.rank,
                      endpoint.world_size, backend, endpoint.attempt)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -74,7 +75,17 @@ def _device(ctx, cfg: JobConfig):
         raise RuntimeError("backend.device=cuda but Spark assigned no GPU to this task; set "
                            "spark.task.resource.gpu.amount=1 and executor GPU resources.")
     index = int(gpus.addresses[0])
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"Spark assigned GPU {index} to this task but the Python worker sees "
+                           f"{torch.cuda.device_count()} CUDA device(s) (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); make the GPU "
+                           "discovery script report the indices CUDA uses on the executor.")
     torch.cuda.set_device(index)
+    # The resume promise is bitwise: cuDNN's autotuned and nondeterministic kernels would break
+    # it (cuBLAS is kept deterministic by CUBLAS_WORKSPACE_CONFIG, set before CUDA starts).
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     return torch.device("cuda", index)
 
 
@@ -148,6 +159,10 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
                 monitor.finish()
     finally:
         comm.close()
+        if device.type == "cuda":  # Spark reuses the worker: leave the GPU's memory to others
+            import torch
+
+            torch.cuda.empty_cache()
     return {"rank": endpoint.rank, "attempt": spec.plan.attempt, "steps_done": result.steps_done,
             "resumed_from": result.resumed_from, "metrics": json.dumps(result.metrics),
             "executor": _executor_id()}

@@ -62,7 +62,10 @@ class BatchFeed:
     def batches(self, start: int, total: int) -> Iterator[Batch]:
         if self.mode == "resident":
             for step in range(start, total):
-                i = torch.from_numpy(np.ascontiguousarray(self.indices(step))).to(
+                # A pinned source keeps the copy asynchronous: from pageable memory the driver
+                # may wait for the stream, a host sync per step. The caching host allocator
+                # holds the pinned block until the copy is done.
+                i = torch.from_numpy(np.ascontiguousarray(self.indices(step))).pin_memory().to(
                     self.device, non_blocking=True)
                 yield torch.index_select(self._x, 0, i), torch.index_select(self._y, 0, i)
         elif self.mode == "prefetch":

@@ -29,17 +29,24 @@ _REPS = 7
 _gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _interleaved(a: Callable[[], None], b: Callable[[], None], reps: int = _REPS
-                 ) -> tuple[list[float], list[float]]:
+def _interleaved(a: Callable[[], None], b: Callable[[], None], reps: int = _REPS,
+                 device: torch.device | None = None) -> tuple[list[float], list[float]]:
     """Times of ``a`` and ``b`` run alternately (after one warm-up of each), so a burst of load
-    on a shared machine hits both alike."""
+    on a shared machine hits both alike. On a GPU each timing waits for the device before and
+    after: a collective returns once its kernels are queued, not done."""
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     a()
     b()
     ta, tb = [], []
     for _ in range(reps):
         for fn, out in ((a, ta), (b, tb)):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             out.append(time.perf_counter() - t0)
     return ta, tb
 
@@ -59,7 +66,7 @@ def _payload_step(name: str, grad: torch.Tensor, cfg: CompressionConfig, pg: obj
     if name == "int8":
         def q8() -> None:
             q, s = int8.quantize(grad)
-            out = torch.empty(world * (n + 4), dtype=torch.int8)
+            out = torch.empty(world * (n + 4), dtype=torch.int8, device=grad.device)
             _gather(out, torch.cat([q, s.view(torch.int8)]), group=pg)
             rows = out.view(world, n + 4)
             int8.mean_of_quantized([r[:n] for r in rows],
@@ -70,7 +77,7 @@ def _payload_step(name: str, grad: torch.Tensor, cfg: CompressionConfig, pg: obj
 
         def sparse() -> None:
             idx, val, _ = topk.compress(grad, torch.zeros_like(grad), k)
-            out = torch.empty(world * 2 * k)
+            out = torch.empty(world * 2 * k, device=grad.device)
             _gather(out, torch.cat([idx.view(torch.float32), val]), group=pg)
             rows = out.view(world, 2 * k)
             topk.decompress_mean([r[:k].contiguous().view(torch.int32) for r in rows],
@@ -78,14 +85,16 @@ def _payload_step(name: str, grad: torch.Tensor, cfg: CompressionConfig, pg: obj
         return sparse
     # powersgd: one power iteration per matrix (two small allreduces of P and Q)
     r = cfg.powersgd_rank
-    mats = [torch.randn(a, b) for a, b in matrices]
+    mats = [torch.randn(a, b).to(grad.device) for a, b in matrices]
 
     def low_rank() -> None:
-        ps = [m @ torch.randn(m.shape[1], min(r, *m.shape)) for m in mats]
-        flat_p = torch.cat([p.reshape(-1) for p in ps]) if ps else torch.zeros(1)
+        ps = [m @ torch.randn(m.shape[1], min(r, *m.shape), device=m.device) for m in mats]
+        flat_p = (torch.cat([p.reshape(-1) for p in ps]) if ps
+                  else torch.zeros(1, device=grad.device))
         dist.all_reduce(flat_p, group=pg)
         qs = [m.T @ torch.linalg.qr(p).Q for m, p in zip(mats, ps)]
-        flat_q = torch.cat([q.reshape(-1) for q in qs]) if qs else torch.zeros(1)
+        flat_q = (torch.cat([q.reshape(-1) for q in qs]) if qs
+                  else torch.zeros(1, device=grad.device))
         dist.all_reduce(flat_q, group=pg)
     return low_rank
 
@@ -95,11 +104,13 @@ def choose(comm: object, model: nn.Module, cfg: CompressionConfig) -> str:
     pg = comm.process_group  # type: ignore[attr-defined]
     world = comm.world_size  # type: ignore[attr-defined]
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    grad = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    device = getattr(comm, "device", torch.device("cpu"))  # NCCL groups take device tensors
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
     matrices = [(p.shape[0], p[0].numel()) for p in model.parameters() if p.dim() >= 2]
     dense = grad.clone()
     td, tc = _interleaved(lambda: dist.all_reduce(dense, group=pg),
-                          _payload_step(cfg.auto_candidate, grad.clone(), cfg, pg, world, matrices))
+                          _payload_step(cfg.auto_candidate, grad.clone(), cfg, pg, world, matrices),
+                          device=device)
     # Both the typical and the best case must favour the candidate: a probe thrown off by load
     # on one side never switches compression on.
     measured = torch.tensor([statistics.median(td), statistics.median(tc), min(td), min(tc)],

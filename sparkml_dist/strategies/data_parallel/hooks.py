@@ -78,13 +78,19 @@ class HookState:
         """Restore what :meth:`state_dict` returned."""
 
     def _timed(self, fut: Future, t0: float) -> Future:
-        """``fut``, recording its time in flight when this step is sampled."""
+        """``fut``, recording its time in flight when this step is sampled. On a GPU the
+        callback runs once the collective is queued, not done, so a sampled step waits there
+        for the device (timing is opt-in and sampled: other steps never wait)."""
         if not self.timed:
             return fut
 
         def done(f: Future) -> Any:
+            value = f.value()
+            tensor = value[0] if isinstance(value, list) else value
+            if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                torch.cuda.synchronize(tensor.device)
             self.add_comm(time.perf_counter() - t0)
-            return f.value()
+            return value
 
         return fut.then(done)
 
@@ -179,8 +185,8 @@ class TopKState(HookState):
         parts = []
         for name, g in zip(self.bucket_names(bucket), bucket.gradients()):
             r = self.residuals.get(name)
-            parts.append(r.reshape(-1) if r is not None else torch.zeros(g.numel(), dtype=g.dtype,
-                                                                         device=g.device))
+            parts.append(r.reshape(-1).to(g.device) if r is not None  # restored on the CPU
+                         else torch.zeros(g.numel(), dtype=g.dtype, device=g.device))
         return torch.cat(parts)
 
     def keep_residual(self, bucket: dist.GradBucket, residual: torch.Tensor) -> None:
