@@ -346,7 +346,8 @@ class DataParallelConfig:
 class GossipConfig:
     """``strategy.kind: gossip``: decentralized training without a server; each rank takes local
     steps on its own data and averages its model with its neighbours' (D-PSGD or push-sum/SGP).
-    Needs point-to-point (backend.name=torch). Resume is bitwise."""
+    Needs point-to-point (backend.name=torch). Resume is bitwise, except for
+    ``async_push_sum`` (a consistent cut)."""
 
     kind: Literal["gossip"] = "gossip"
     """Strategy discriminator."""
@@ -354,9 +355,12 @@ class GossipConfig:
     """Who talks to whom: ``ring``; ``torus`` (2-D grid with wrap-around); ``exponential``
     (peers at distance 2^k); ``random`` (one peer per rank per round, seeded by
     (training.seed, step))."""
-    algorithm: Literal["dpsgd", "push_sum"] = "dpsgd"
-    """``dpsgd`` (symmetric doubly stochastic averaging with neighbours) or ``push_sum``
-    (Stochastic Gradient Push: directed sends with a de-biasing weight)."""
+    algorithm: Literal["dpsgd", "push_sum", "async_push_sum"] = "dpsgd"
+    """``dpsgd`` (symmetric doubly stochastic averaging with neighbours), ``push_sum``
+    (Stochastic Gradient Push: directed sends with a de-biasing weight), both synchronous, or
+    ``async_push_sum`` (asynchronous gradient-push: every rank runs at its own pace and no rank
+    waits for a slow peer between epoch ends; resume from a consistent cut, not bitwise; see
+    :mod:`sparkml_dist.strategies.gossip_async`)."""
     gossip_every: int = 1
     """Average with the neighbours after every N-th local step (1: after each step)."""
 
@@ -364,8 +368,9 @@ class GossipConfig:
         _check(self.topology in ("ring", "torus", "exponential", "random"),
                f"strategy.topology must be one of ring, torus, exponential, random; got "
                f"{self.topology!r}.")
-        _check(self.algorithm in ("dpsgd", "push_sum"),
-               f"strategy.algorithm must be dpsgd or push_sum; got {self.algorithm!r}.")
+        _check(self.algorithm in ("dpsgd", "push_sum", "async_push_sum"),
+               f"strategy.algorithm must be dpsgd, push_sum or async_push_sum; got "
+               f"{self.algorithm!r}.")
         _check(isinstance(self.gossip_every, int) and self.gossip_every >= 1,
                f"strategy.gossip_every must be an integer >= 1; got {self.gossip_every!r}.")
 

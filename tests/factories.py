@@ -30,3 +30,32 @@ def slow_mlp(in_features: int, num_outputs: int, delay_s: float = 0.02,
     from sparkml_dist.models import mlp
 
     return _Slow(mlp(in_features, num_outputs, hidden=hidden, dropout=dropout), delay_s)
+
+
+class _SlowOnRank(nn.Module):
+    """Wraps a model; its training forward sleeps on one rank only (a straggler)."""
+
+    def __init__(self, inner: nn.Module, slow: bool, delay_s: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.slow = slow
+        self.delay_s = delay_s
+
+    def forward(self, x):
+        import time
+
+        if self.training and self.slow:
+            time.sleep(self.delay_s)
+        return self.inner(x)
+
+
+def straggler_mlp(in_features: int, num_outputs: int, straggler: int = 1,
+                  delay_s: float = 0.02, hidden: tuple[int, ...] = (32,)) -> nn.Module:
+    """``sparkml_dist.models.mlp`` whose training forward sleeps ``delay_s`` on the rank
+    ``straggler`` of the torch.distributed group it is built in (built after the group joins)."""
+    import torch.distributed as dist
+
+    from sparkml_dist.models import mlp
+
+    slow = dist.is_initialized() and dist.get_rank() == straggler
+    return _SlowOnRank(mlp(in_features, num_outputs, hidden=list(hidden)), slow, delay_s)

@@ -81,3 +81,48 @@ def consensus_distance(sum_x: torch.Tensor, sum_sq: float, n: int) -> tuple[floa
     mean_sq = float(mean.double().pow(2).sum())
     dist = max(0.0, float(sum_sq) / n - mean_sq)
     return dist, dist / max(mean_sq, 1e-30)
+
+
+# -- asynchronous push-sum ------------------------------------------------------------------
+# Asynchronous gradient-push (Assran & Rabbat 2021, "Asynchronous Gradient-Push", IEEE TAC):
+# every rank, at its own pace, keeps half of its (x, w) and sends the other half to one
+# out-peer; whatever arrives is added on arrival. No rank waits for another; the sums of x and
+# of w over ranks and messages in flight are conserved, and z = x / w still de-biases.
+
+
+def push_target(out_peers: tuple[int, ...], push_index: int) -> int:
+    """The out-peer of a rank's ``push_index``-th asynchronous push: its out-peers in turn."""
+    if not out_peers:
+        raise ValueError("a rank with no out-peers cannot push (a 1-rank job has no gossip)")
+    return out_peers[push_index % len(out_peers)]
+
+
+PUSH_FLOOR = 0.5
+"""A rank pushes only while its weight is at least this (the weights start at 1 and sum to the
+world size): a rank that runs ahead of its peers would otherwise halve its weight at every step
+with nothing coming back, and its de-biased model ``x / w`` would become ill-conditioned (on
+digits, after a resume, ``w`` fell to 2e-4 and the loss exploded). Holding keeps the rank's
+mass, so conservation is untouched, and bounds every weight below by ``PUSH_FLOOR / 2``."""
+
+
+def may_push(weight: float) -> bool:
+    """Whether a rank with push-sum weight ``weight`` may push now (:data:`PUSH_FLOOR`)."""
+    return weight >= PUSH_FLOOR
+
+
+def halve(numerator: torch.Tensor, weight: torch.Tensor) -> None:
+    """Keep half of ``(x, w)`` in place; the other half (equal to the kept one: halving a float
+    is exact) is what the rank sends. Mass ``x + sent`` is conserved bitwise."""
+    numerator.mul_(0.5)
+    weight.mul_(0.5)
+
+
+def apply_update(numerator: torch.Tensor, weight: torch.Tensor, before: torch.Tensor,
+                 after: torch.Tensor) -> torch.Tensor:
+    """Asynchronous gradient-push's local step: the optimizer moved the de-biased model from
+    ``before`` to ``after`` (``z = x / w``); that update is added to ``x`` unscaled (``x <- x -
+    lr * grad f(z)`` in the paper), so the network average ``sum x / sum w`` moves by the mean
+    of the ranks' updates whatever their weights. Returns the new de-biased model ``x / w``
+    (``numerator`` is updated in place)."""
+    numerator.add_(after - before)
+    return numerator / weight

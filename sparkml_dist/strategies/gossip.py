@@ -28,6 +28,10 @@ parameters to their average, from one float64 all_reduce) and ``gossip/consensus
 (that over the average's squared norm), ``comm/bytes_per_step`` (sent by this rank),
 ``time/comm_s`` (waiting in the exchange). The topology's spectral gap is the run tag
 ``sparkml_dist.gossip.spectral_gap``.
+
+Both rules above are synchronous: every rank waits for its neighbours each round, and the
+shared loop's collectives hold every rank to the slowest. ``async_push_sum`` is the
+asynchronous variant with its own loop, in :mod:`sparkml_dist.strategies.gossip_async`.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from sparkml_dist.algo.gossip import Round, combine, consensus_distance, debias,
 from sparkml_dist.algo.topology import Topology, topology_gap
 from sparkml_dist.comm.base import Capability, require
 from sparkml_dist.config import GossipConfig, JobConfig
-from sparkml_dist.errors import CheckpointError
+from sparkml_dist.errors import CheckpointError, ConfigError
 from sparkml_dist.strategies.base import RankContext, Strategy, StrategyState
 from sparkml_dist.strategies.data_parallel.strategy import build_replica, user_check
 from sparkml_dist.training.objective import loss_fn, prepare_target
@@ -52,16 +56,45 @@ from sparkml_dist.training.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
+ASYNC = "async_push_sum"
+"""``strategy.algorithm`` of asynchronous gossip (:mod:`sparkml_dist.strategies.gossip_async`)."""
+
 
 class Gossip(Strategy):
-    """``strategy.kind: gossip``."""
+    """``strategy.kind: gossip``. With ``strategy.algorithm: async_push_sum`` an instance is an
+    :class:`~sparkml_dist.strategies.gossip_async.AsyncPushSum`, which runs its own loop."""
 
     kind: ClassVar[str] = "gossip"
     resume_guarantee: ClassVar[str] = "bitwise"
 
+    def __new__(cls, ctx: RankContext) -> Gossip:
+        if cls is Gossip and ctx.cfg.strategy.algorithm == ASYNC:
+            from sparkml_dist.strategies.gossip_async import AsyncPushSum
+
+            cls = AsyncPushSum
+        return super().__new__(cls)
+
     @classmethod
     def requirements(cls, cfg: JobConfig) -> dict[Capability, str]:
         return {Capability.P2P: "strategy.kind=gossip"}
+
+    @classmethod
+    def check(cls, cfg: JobConfig) -> None:
+        if cfg.strategy.algorithm != ASYNC:
+            return
+        what = "strategy.algorithm=async_push_sum"
+        if cfg.training.early_stopping is not None:
+            raise ConfigError(f"{what} does not support training.early_stopping (ranks stop "
+                              "at their own pace); remove training.early_stopping or set "
+                              "strategy.algorithm to push_sum or dpsgd.")
+        if cfg.checkpoint.enabled and cfg.checkpoint.every_steps:
+            raise ConfigError(f"{what} checkpoints a consistent cut at every epoch end only; "
+                              f"got checkpoint.every_steps={cfg.checkpoint.every_steps}. Set "
+                              "checkpoint.every_steps=0.")
+        if cfg.training.num_workers < 2:
+            raise ConfigError(f"{what} needs training.num_workers >= 2 (got "
+                              f"{cfg.training.num_workers}): one rank has nobody to gossip "
+                              "with.")
 
     @classmethod
     def topology_of(cls, cfg: JobConfig, world_size: int | None = None) -> Topology:
@@ -72,8 +105,14 @@ class Gossip(Strategy):
     @classmethod
     def run_tags(cls, cfg: JobConfig) -> dict[str, str]:
         st: GossipConfig = cfg.strategy
-        gap = topology_gap(cls.topology_of(cfg), st.algorithm)
-        return {**super().run_tags(cfg), "sparkml_dist.gossip.topology": st.topology,
+        mixing = "push_sum" if st.algorithm == ASYNC else st.algorithm
+        gap = topology_gap(cls.topology_of(cfg), mixing)  # async: that of the synchronous rule
+        tags = super().run_tags(cfg)
+        if st.algorithm == ASYNC:
+            from sparkml_dist.strategies.gossip_async import RESUME_GUARANTEE
+
+            tags["sparkml_dist.resume_guarantee"] = RESUME_GUARANTEE
+        return {**tags, "sparkml_dist.gossip.topology": st.topology,
                 "sparkml_dist.gossip.algorithm": st.algorithm,
                 "sparkml_dist.gossip.every": str(st.gossip_every),
                 "sparkml_dist.gossip.spectral_gap": f"{gap:.6f}"}

@@ -265,9 +265,10 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
         getattr(checkpoints, "upload_timeout_s", DEFAULT_UPLOAD_TIMEOUT_S))
     strategy.start()
     try:
-        metrics, end = _run_steps(cfg, plan, comm, strategy, train, val, device, sink,
-                                  checkpoints, fingerprint, start, steps, (end, total), stopper,
-                                  uploads)
+        run = getattr(strategy, "own_loop", None) or _run_steps  # async gossip has its own
+        metrics, end = run(cfg, plan, comm, strategy, train, val, device, sink,
+                           checkpoints, fingerprint, start, steps, (end, total), stopper,
+                           uploads)
         if uploads is not None:  # training ends once the last checkpoint is stored
             uploads.drain_together(comm)
     except BaseException:

@@ -1,0 +1,139 @@
+"""The per-rank loop of asynchronous push-sum: each rank steps at its own pace until the job's
+shared sample count reaches the epoch's budget, then all ranks meet at a consistent cut for
+metrics, validation and the checkpoint. Run by :func:`sparkml_dist.training.loop.train_rank` in
+place of the shared barrier loop (``own_loop``); the design is in the package docstring."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sparkml_dist.algo.gossip import consensus_distance
+
+if TYPE_CHECKING:
+    from sparkml_dist.comm.base import Communicator
+    from sparkml_dist.config import JobConfig
+    from sparkml_dist.data.shard_store import ShardStore
+    from sparkml_dist.strategies.gossip_async.strategy import AsyncPushSum
+    from sparkml_dist.training.checkpoint import CheckpointStore
+    from sparkml_dist.training.early_stopping import EarlyStopping
+    from sparkml_dist.training.loop import MetricSink, RankPlan
+    from sparkml_dist.training.uploads import BackgroundUploads
+
+log = logging.getLogger(__name__)
+
+
+def counter_key(epoch: int) -> str:
+    """The rendezvous-store counter of the training samples the job took in ``epoch``."""
+    return f"gossip_async/samples/{epoch}"
+
+
+def run_async(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: AsyncPushSum,
+              train: ShardStore, val: ShardStore, device: torch.device, sink: MetricSink,
+              checkpoints: CheckpointStore | None, fingerprint: dict[str, Any], start: int,
+              steps: int, bounds: tuple[int, int], stopper: EarlyStopping | None,
+              uploads: BackgroundUploads | None = None) -> tuple[dict[str, float], int]:
+    """Epochs ``start // steps`` to ``bounds[0] // steps``; ``steps`` (the barrier loop's steps
+    per epoch) fixes the epoch's budget: ``steps * batch_size * world_size`` samples counted
+    across the job. Returns the last metrics and the nominal steps done."""
+    assert stopper is None, "the driver refuses early stopping with async_push_sum"
+    end, _ = bounds
+    metrics: dict[str, float] = {}
+    for epoch in range(start // steps, end // steps):
+        metrics = _epoch(cfg, plan, comm, strategy, train, val, device, sink, checkpoints,
+                         fingerprint, epoch, steps, uploads)
+    return metrics, end
+
+
+def _epoch(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: AsyncPushSum,
+           train: ShardStore, val: ShardStore, device: torch.device, sink: MetricSink,
+           checkpoints: CheckpointStore | None, fingerprint: dict[str, Any], epoch: int,
+           steps: int, uploads: BackgroundUploads | None) -> dict[str, float]:
+    from sparkml_dist.training.loop import (
+        _maybe_die, check_finite_loss, evaluate, save, seed_step, step_seed)
+
+    tc = cfg.training
+    rank, world = comm.rank, comm.world_size
+    global_batch = tc.batch_size * world
+    budget = steps * global_batch
+    key = counter_key(epoch)
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+    n_steps, sent0, pushes0 = 0, strategy.outbox.bytes_sent, strategy.pushes
+    skipped0, absorbed0, held0 = strategy.pushes_skipped, strategy.absorbed, strategy.pushes_held
+    t0 = time.perf_counter()
+    count = 0
+    while count < budget:
+        _maybe_die(cfg, rank, plan.attempt, strategy.local_steps, uploads)
+        x, y = train.gather(strategy.next_rows(len(train), tc.batch_size))
+        seed_step(step_seed(tc.seed, rank, strategy.local_steps), device)
+        loss_acc += strategy.train_step(strategy.local_steps, x.to(device), y.to(device))
+        n_steps += 1
+        count = int(comm.store.add(key, tc.batch_size))
+        strategy.advance_schedule(epoch * steps + min(steps, count // global_batch))
+    train_s = time.perf_counter() - t0
+    try:
+        strategy.cut()
+        # The first collective after the cut's absorb: no rank sends again before every rank
+        # has absorbed (so the cut is consistent), and the job's training time ends here.
+        flat = strategy._flat().double()
+        sums = comm.all_reduce(torch.cat([
+            flat, flat.pow(2).sum().reshape(1), strategy.weight.double().cpu().reshape(1),
+            loss_acc.cpu().reshape(1), torch.tensor([float(n_steps)], dtype=torch.float64)]),
+            "sum")
+    except (RuntimeError, ConnectionError, TimeoutError) as exc:
+        lost = sorted(strategy.inbox.lost)
+        if not lost:
+            raise
+        raise ConnectionError(f"rank {rank}: the cut at the end of epoch {epoch + 1} failed; "
+                              f"rank(s) {lost} closed their connections and are lost "
+                              f"({type(exc).__name__}: {exc})") from exc
+    wall_s = time.perf_counter() - t0
+    samples = int(comm.store.add(key, 0))
+    done = (epoch + 1) * steps
+    check_finite_loss(sums[-2], done)
+    dist, rel = consensus_distance(sums[:-4], float(sums[-4]), world)
+    per_rank = comm.all_gather_object((n_steps, train_s, strategy.outbox.bytes_sent - sent0,
+                                       strategy.pushes - pushes0,
+                                       strategy.pushes_skipped - skipped0,
+                                       strategy.absorbed - absorbed0,
+                                       strategy.pushes_held - held0))
+    metrics: dict[str, float] = {
+        "train/loss": float(sums[-2] / sums[-1]), "train/lr": strategy.lr,
+        "perf/samples_per_s": samples / wall_s, "perf/epoch_train_s": wall_s,
+        "perf/epoch_samples": float(samples), "progress/epoch": float(epoch + 1),
+        "gossip/consensus_distance": dist, "gossip/consensus_relative": rel,
+        "gossip/push_sum_weight_total": float(sums[-3]),
+        "gossip/messages_sent": float(sum(r[3] for r in per_rank)),
+        "gossip/pushes_skipped": float(sum(r[4] for r in per_rank)),
+        "gossip/pushes_held": float(sum(r[6] for r in per_rank)),
+        "comm/bytes_sent": float(sum(r[2] for r in per_rank))}
+    for r, (n, secs, _, _, _, absorbed, _) in enumerate(per_rank):
+        metrics[f"gossip/rank_{r}/steps"] = float(n)
+        metrics[f"gossip/rank_{r}/steps_per_s"] = n / max(secs, 1e-9)
+        metrics[f"gossip/rank_{r}/absorbed_per_step"] = absorbed / max(n, 1)
+    if rank == 0:
+        sink.log_metrics(metrics, done)
+    strategy.end_epoch(epoch + 1)
+    if cfg.data.val_fraction > 0:
+        val_metrics = evaluate(strategy.eval_module(), val, comm, cfg.data.task,
+                               tc.batch_size * 4, device)
+        val_metrics["epoch"] = float(epoch + 1)
+        metrics.update(val_metrics)
+        if rank == 0:
+            sink.log_metrics(val_metrics, done)
+    if checkpoints is not None:
+        t1 = time.perf_counter()
+        meta = save(checkpoints, comm, strategy,
+                    {"steps_done": done, "epoch": epoch, "step_in_epoch": steps,
+                     "final": done == steps * tc.epochs, "early_stopping": {}},
+                    fingerprint, uploads)
+        if meta is not None:
+            size = sum(p["size_bytes"] for p in meta.parts.values())
+            sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t1,
+                              "checkpoint/size_mb": size / 2**20}, done)
+    log.info("rank %d: epoch %d done after %d local steps (%.1f steps/s), job %d samples",
+             rank, epoch + 1, n_steps, n_steps / max(train_s, 1e-9), samples)
+    return metrics
