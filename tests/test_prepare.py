@@ -203,6 +203,25 @@ def test_one_shard_per_rank_follows_the_numbering_rule_exactly(spark, imbalanced
     df = imbalanced.unionByName(imbalanced.limit(40))
     cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y", val_fraction=val_fraction,
                      split=split, sharding=sharding, random_buckets=7)
+    _assert_numbering_rule(spark, df, cfg)
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_classes_sharing_a_numbering_partition_follow_the_rule(spark, imbalanced, monkeypatch,
+                                                               partitions):
+    # Past _MAX_CLASS_PARTITIONS classes, several share a partition of the numbering sort and a
+    # row's position there is offset by the rows of the classes sorted before its own.
+    import sparkml_dist.spark.prepare as prep
+
+    monkeypatch.setattr(prep, "_MAX_CLASS_PARTITIONS", partitions)
+    df = imbalanced.unionByName(imbalanced.limit(40))
+    cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y", val_fraction=0.2)
+    _assert_numbering_rule(spark, df, cfg)
+
+
+def _assert_numbering_rule(spark, df, cfg):
+    """Rows, numbers, partitions and storage order of ``prepare`` (N ranks, seed 5) are those of
+    the reference numbering."""
     prepared = prepare(spark, df, cfg, N, seed=5)
     got = prepared.frame.select(F.spark_partition_id().alias("p"), FEATURES, LABEL, ROW, SHARD,
                                 SPLIT).collect()
