@@ -6,7 +6,8 @@ For each size a Parquet of N rows x 32 float32 features (one ``array<float>`` co
 classes is written once (pyarrow, 8 files). Each round then runs, in the same ``local[2]``
 session (``spark.driver.memory`` as given, default Spark's own 1g):
 - ``fit``: 2 ranks, 1 epoch, batch 1024, MLP 32-64-10, default split (stratified 0.2), checkpoint
-  and model logging, a fresh SQLite MLflow store. Phase times from the run's metrics:
+  and model logging, a fresh SQLite MLflow store (its tables created before the timed call,
+  ``store_create_s`` recorded apart). Phase times from the run's metrics:
   ``time/prepare_s`` (driver: read, validate, split, shard, persist), ``time/feed_s`` (rank 0:
   shuffle read + Arrow feed into its shard store), ``train_s`` (median ``time/step_s`` x steps),
   ``time/finish_s`` (driver: after the barrier stage; model logging and plots).
@@ -16,7 +17,9 @@ session (``spark.driver.memory`` as given, default Spark's own 1g):
 Reported per size (medians over rounds): fit wall, its phases, wall minus training, the peer's
 wall, their ratio, microseconds per row of fit's non-training time, and peak RSS of the driver
 (this Python process and the Spark JVM) and of every Python worker (descendant processes of the
-JVM, sampled every 0.25 s). ``other_s`` is what the phases leave out (pre-flight, MLflow run,
+JVM, sampled every 0.25 s), and the executor CPU seconds of Spark's stages (``prepare_cpu_s``:
+those called from ``prepare.py``; the peer's ``spark_cpu_s``), which load from others on the
+machine barely moves. ``other_s`` is what the phases leave out (pre-flight, MLflow run,
 barrier launch, rendezvous, validation, checkpoints). A warm-up round on 100,000 rows comes
 first. A size that fails is recorded as failed with its error.
 """
@@ -24,11 +27,13 @@ first. A size that fails is recorded as failed with its error.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +113,41 @@ class RssSampler:
                 "workers_seen": len(workers)}
 
 
+class StageCpu:
+    """Executor CPU seconds, run seconds and disk spill of the Spark stages completed within a
+    ``with`` block, per call site file (``prepare.py``, ``launch.py``, ...), read from Spark's
+    REST API. CPU seconds barely move when others share the machine; wall seconds do."""
+
+    def __init__(self, spark) -> None:
+        self.url = (f"{spark.sparkContext.uiWebUrl}/api/v1/applications/"
+                    f"{spark.sparkContext.applicationId}/stages")
+        self.by_site: dict[str, dict[str, float]] = {}
+
+    def _stages(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(self.url, timeout=30) as r:
+            return json.load(r)
+
+    def __enter__(self) -> StageCpu:
+        self._before = {s["stageId"] for s in self._stages()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(1.0)  # the listener bus is asynchronous: let the last stages arrive
+        for st in self._stages():
+            if st["stageId"] in self._before or st["status"] != "COMPLETE":
+                continue
+            site = st["name"].rsplit(" at ", 1)[-1].split(":")[0].rsplit("/", 1)[-1]
+            acc = self.by_site.setdefault(site, {"cpu_s": 0.0, "run_s": 0.0,
+                                                 "spill_disk_mib": 0.0})
+            acc["cpu_s"] += st["executorCpuTime"] / 1e9
+            acc["run_s"] += st["executorRunTime"] / 1e3
+            acc["spill_disk_mib"] += st["diskBytesSpilled"] / 2**20
+
+    def cpu_s(self, site: str | None = None) -> float:
+        """CPU seconds of one call site's stages (all stages: None)."""
+        return sum(v["cpu_s"] for k, v in self.by_site.items() if site in (None, k))
+
+
 def run_fit(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
@@ -119,11 +159,17 @@ def run_fit(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
         "model.factory": "sparkml_dist.models:mlp", "model.kwargs": {"hidden": [64]},
         "training.num_workers": 2, "training.batch_size": 1024, "training.epochs": 1,
         "tracking.tracking_uri": uri, "tracking.progress": False})
-    df = spark.read.parquet(str(data))
+    # The store's tables are created outside the timed call: once per store, not per fit (a
+    # fresh SQLite file takes about 2 s of schema migrations). Its time is recorded apart.
     t0 = time.perf_counter()
-    result = fit(df, cfg, spark=spark)
-    wall = time.perf_counter() - t0
     client = MlflowClient(uri)
+    client.search_experiments()
+    store_create_s = time.perf_counter() - t0
+    df = spark.read.parquet(str(data))
+    with StageCpu(spark) as stages:
+        t0 = time.perf_counter()
+        result = fit(df, cfg, spark=spark)
+        wall = time.perf_counter() - t0
     metrics = client.get_run(result.run_id).data.metrics
     step_s = [m.value for m in client.get_metric_history(result.run_id, "time/step_s")]
     steps = metrics.get("progress/total_steps", 0.0)
@@ -136,7 +182,8 @@ def run_fit(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
             "non_train_s": wall - train_s,
             "other_s": wall - sum(metrics.get(k, 0.0) for k in
                                   ("time/prepare_s", "time/feed_s", "time/finish_s")) - train_s,
-            "val_accuracy": metrics.get("val/accuracy")}
+            "val_accuracy": metrics.get("val/accuracy"), "store_create_s": store_create_s,
+            "prepare_cpu_s": stages.cpu_s("prepare.py"), "spark_stages": stages.by_site}
 
 
 def run_peer(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
@@ -145,13 +192,14 @@ def run_peer(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
     import torch
 
     out = tmp / f"peer-{rep}"
-    t0 = time.perf_counter()
-    df = spark.read.parquet(str(data))
-    n = df.count()
-    class_counts = {r["label"]: r["count"] for r in df.groupBy("label").count().collect()}
-    train, _val = df.randomSplit([0.8, 0.2], seed=rep)
-    train.repartition(2).write.parquet(str(out))
-    t_spark = time.perf_counter() - t0
+    with StageCpu(spark) as stages:
+        t0 = time.perf_counter()
+        df = spark.read.parquet(str(data))
+        n = df.count()
+        class_counts = {r["label"]: r["count"] for r in df.groupBy("label").count().collect()}
+        train, _val = df.randomSplit([0.8, 0.2], seed=rep)
+        train.repartition(2).write.parquet(str(out))
+        t_spark = time.perf_counter() - t0
     shards = []
     for part in sorted(out.glob("part-*.parquet")):
         table = pq.read_table(part)
@@ -162,7 +210,8 @@ def run_peer(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     assert sum(len(y) for _, y in shards) <= n and len(class_counts) == CLASSES
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "spark_s": t_spark, "read_s": wall - t_spark}
+    return {"wall_s": wall, "spark_s": t_spark, "read_s": wall - t_spark,
+            "spark_cpu_s": stages.cpu_s()}
 
 
 def warm_up(spark, tmp: Path) -> None:
@@ -190,13 +239,15 @@ def bench_size(spark, rows: int, reps: int, tmp: Path, jvm_pid: int) -> dict[str
         print(f"  {rows:,} round {rep}: fit {f['wall_s']:.1f} s (prepare {f['prepare_s']:.1f}, "
               f"feed {f['feed_s'] or float('nan'):.1f}, train {f['train_s']:.1f}, finish "
               f"{f['finish_s']:.1f}), peer {p['wall_s']:.1f} s; non-train / peer "
-              f"{f['non_train_s'] / p['wall_s']:.2f}", flush=True)
+              f"{f['non_train_s'] / p['wall_s']:.2f}; Spark CPU: prepare "
+              f"{f['prepare_cpu_s']:.1f} s, peer {p['spark_cpu_s']:.1f} s", flush=True)
     shutil.rmtree(data, ignore_errors=True)
     keys = ("wall_s", "prepare_s", "prepare_assemble_s", "prepare_shard_s", "feed_s", "train_s",
-            "finish_s", "other_s", "non_train_s")
+            "finish_s", "other_s", "non_train_s", "store_create_s", "prepare_cpu_s")
     stats = {k: summary([f[k] for f in fits if f[k] is not None]) for k in keys
              if any(f[k] is not None for f in fits)}
-    peer = {k: summary([p[k] for p in peers]) for k in ("wall_s", "spark_s", "read_s")}
+    peer = {k: summary([p[k] for p in peers]) for k in ("wall_s", "spark_s", "read_s",
+                                                          "spark_cpu_s")}
     ratios = sorted(f["non_train_s"] / p["wall_s"] for f, p in zip(fits, peers))
     return {"rows": rows, "status": "ok", "fit": stats, "peer": peer,
             "non_train_over_peer": {"median": statistics.median(ratios), "min": ratios[0],
@@ -215,7 +266,9 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.tmp))
     spark = spark_session("bench_scale", **{"spark.driver.memory": args.driver_memory,
-                                            "spark.sql.shuffle.partitions": "8"})
+                                            "spark.sql.shuffle.partitions": "8",
+                                            # for StageCpu: the REST API, on a free port
+                                            "spark.ui.enabled": "true", "spark.ui.port": "0"})
     jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
     sizes = []
     try:
