@@ -5,12 +5,17 @@ the same prepared data, with the same straggler mechanism (the model factory bel
 ``sleep_s`` per training forward on rank ``straggler``; ``sleep_s`` is the measured step time
 of synchronous allreduce without a straggler, so the straggler's steps take about twice as long):
 
-1. Straggler: samples/s of parameter-server ``async`` and ``ssp`` and of ``gossip`` against
+1. Straggler: samples/s of parameter-server ``async`` and ``ssp``, of synchronous ``gossip`` and
+   of asynchronous ``gossip_async`` against
    synchronous allreduce (``data_parallel``). Goal: >= 1.5x within 1.5 points of accuracy.
 2. No straggler: parameter-server ``sync`` against allreduce. Goal: >= 0.8x.
 
 samples/s: for allreduce and gossip the library's ``perf/samples_per_s`` (median over windows,
-rank 0; its steps wait for the straggler); for the parameter servers
+rank 0; its steps wait for the straggler); for asynchronous gossip (``gossip_async``,
+``strategy.algorithm: async_push_sum``) the job's training samples over its training wall time
+(the sums over epochs of ``perf/epoch_samples`` and ``perf/epoch_train_s``: each epoch up to its
+cut, which waits for the straggler's last step; validation and checkpoints excluded, as for the
+others), beside it each rank's ``gossip/rank_<r>/steps_per_s``; for the parameter servers
 ``ps/aggregate_samples_per_s`` (the sum of the workers' own rates: what the job consumes while
 every worker runs) and, beside it, ``ps/samples_per_s`` (all samples over the whole stage, which
 the straggler's last steps bound, since every worker owns a fixed shard).
@@ -83,6 +88,15 @@ def _fit(df, uri: str, args, kind: dict[str, Any], straggler: int, sleep_s: floa
         out["stage_samples_per_s"] = m["ps/samples_per_s"]
         out["staleness_mean"] = m["ps/staleness_mean"]
         out["worker_steps_per_s"] = [m["ps/worker_0/steps_per_s"], m["ps/worker_1/steps_per_s"]]
+    elif kind.get("strategy.algorithm") == "async_push_sum":
+        # Each epoch's samples over its wall time up to the cut (training only, as the
+        # windows of the others): the job's total samples over the job's training time.
+        client = MlflowClient(uri)
+        samples = sum(x.value for x in client.get_metric_history(res.run_id,
+                                                                 "perf/epoch_samples"))
+        secs = sum(x.value for x in client.get_metric_history(res.run_id, "perf/epoch_train_s"))
+        out["samples_per_s"] = samples / secs
+        out["rank_steps_per_s"] = [m[f"gossip/rank_{r}/steps_per_s"] for r in range(2)]
     else:
         client = MlflowClient(uri)
         rates = [x.value for x in client.get_metric_history(res.run_id, "perf/samples_per_s")]
@@ -99,6 +113,8 @@ KINDS = {
     "ps_ssp": {"strategy.kind": "parameter_server", "strategy.mode": "ssp",
                "strategy.staleness": 4},
     "gossip": {"strategy.kind": "gossip", "strategy.topology": "ring"},
+    "gossip_async": {"strategy.kind": "gossip", "strategy.topology": "ring",
+                     "strategy.algorithm": "async_push_sum"},
 }
 
 
@@ -108,6 +124,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--kinds", nargs="+", choices=[k for k in KINDS if k != "allreduce"],
+                   default=[k for k in KINDS if k != "allreduce"],
+                   help="configurations to run beside allreduce (default: all)")
     args = p.parse_args()
     setup_env()
     os.environ["PYTHONPATH"] = os.pathsep.join(  # executors import slow_mlp from here
@@ -121,8 +140,10 @@ def main() -> None:
     df = spark.read.parquet(str(write_digits_parquet(tmp / "digits.parquet")))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     _fit(df, uri, args, KINDS["allreduce"], -1, 0.0)  # warm-up: JVM, MLflow store, caches
-    base_runs: dict[str, list[dict[str, Any]]] = {"allreduce": [], "ps_sync": []}
-    slow_runs: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS if k != "ps_sync"}
+    base_runs: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in ["allreduce", "ps_sync"] if k == "allreduce" or k in args.kinds}
+    slow_runs: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in KINDS if k != "ps_sync" and (k == "allreduce" or k in args.kinds)}
     for _ in range(args.reps):  # every configuration once per repetition, back to back
         for name in base_runs:
             base_runs[name].append(_fit(df, uri, args, KINDS[name], -1, 0.0))
@@ -137,10 +158,11 @@ def main() -> None:
                   "epochs": args.epochs, "batch_size": args.batch_size, "hidden": args.hidden,
                   "spark": "local[2]", "straggler": "rank 1 sleeps sleep_s per training forward",
                   "sleep_s": [r["step_s"] for r in base_runs["allreduce"]],
-                  "ssp_staleness": KINDS["ps_ssp"]["strategy.staleness"], "reps": args.reps},
-        "no_straggler": {**base_runs, "goal": ">= 0.8",
-                         "ps_sync_vs_allreduce": paired_ratios(rate["ps_sync"],
-                                                               rate["allreduce"])},
+                  "ssp_staleness": KINDS["ps_ssp"]["strategy.staleness"], "reps": args.reps,
+                  "kinds": ["allreduce", *args.kinds]},
+        "no_straggler": {**base_runs, "goal": ">= 0.8", **({
+            "ps_sync_vs_allreduce": paired_ratios(rate["ps_sync"], rate["allreduce"])}
+            if "ps_sync" in base_runs else {})},
         "straggler": {**slow_runs, "goal": ">= 1.5x allreduce within 1.5 accuracy points",
                       "speedup_vs_allreduce": {
                           k: paired_ratios(rate[f"slow_{k}"], rate["slow_allreduce"])
@@ -151,9 +173,10 @@ def main() -> None:
                           for k, v in slow_runs.items() if k != "allreduce"}},
     }
     path = write_result("straggler", record)
-    print(f"no straggler: ps sync / allreduce = "
-          f"{record['no_straggler']['ps_sync_vs_allreduce']['median']:.2f} (median of "
-          f"{args.reps})")
+    if "ps_sync" in base_runs:
+        print(f"no straggler: ps sync / allreduce = "
+              f"{record['no_straggler']['ps_sync_vs_allreduce']['median']:.2f} (median of "
+              f"{args.reps})")
     for k, v in record["straggler"]["speedup_vs_allreduce"].items():
         print(f"straggler: {k} {v['median']:.2f}x allreduce, accuracy "
               f"{record['straggler']['accuracy_gap_points'][k]:+.1f} points")
