@@ -52,68 +52,23 @@ def _epoch(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: AsyncPu
            train: ShardStore, val: ShardStore, device: torch.device, sink: MetricSink,
            checkpoints: CheckpointStore | None, fingerprint: dict[str, Any], epoch: int,
            steps: int, uploads: BackgroundUploads | None) -> dict[str, float]:
-    from sparkml_dist.training.loop import (
-        _maybe_die, check_finite_loss, evaluate, save, seed_step, step_seed)
+    from sparkml_dist.training.loop import check_finite_loss, evaluate, save
 
     tc = cfg.training
-    rank, world = comm.rank, comm.world_size
-    global_batch = tc.batch_size * world
-    budget = steps * global_batch
-    key = counter_key(epoch)
-    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
-    n_steps, sent0, pushes0 = 0, strategy.outbox.bytes_sent, strategy.pushes
-    skipped0, absorbed0, held0 = strategy.pushes_skipped, strategy.absorbed, strategy.pushes_held
+    rank = comm.rank
+    before = strategy.counters()
     t0 = time.perf_counter()
-    count = 0
-    while count < budget:
-        _maybe_die(cfg, rank, plan.attempt, strategy.local_steps, uploads)
-        x, y = train.gather(strategy.next_rows(len(train), tc.batch_size))
-        seed_step(step_seed(tc.seed, rank, strategy.local_steps), device)
-        loss_acc += strategy.train_step(strategy.local_steps, x.to(device), y.to(device))
-        n_steps += 1
-        count = int(comm.store.add(key, tc.batch_size))
-        strategy.advance_schedule(epoch * steps + min(steps, count // global_batch))
+    loss_sum, n_steps = _train(cfg, plan, comm, strategy, train, device, epoch, steps, uploads)
     train_s = time.perf_counter() - t0
-    try:
-        strategy.cut()
-        # The first collective after the cut's absorb: no rank sends again before every rank
-        # has absorbed (so the cut is consistent), and the job's training time ends here.
-        flat = strategy._flat().double()
-        sums = comm.all_reduce(torch.cat([
-            flat, flat.pow(2).sum().reshape(1), strategy.weight.double().cpu().reshape(1),
-            loss_acc.cpu().reshape(1), torch.tensor([float(n_steps)], dtype=torch.float64)]),
-            "sum")
-    except (RuntimeError, ConnectionError, TimeoutError) as exc:
-        lost = sorted(strategy.inbox.lost)
-        if not lost:
-            raise
-        raise ConnectionError(f"rank {rank}: the cut at the end of epoch {epoch + 1} failed; "
-                              f"rank(s) {lost} closed their connections and are lost "
-                              f"({type(exc).__name__}: {exc})") from exc
-    wall_s = time.perf_counter() - t0
-    samples = int(comm.store.add(key, 0))
+    sums = _cut(comm, strategy, epoch, loss_sum, n_steps)
+    wall_s = time.perf_counter() - t0  # the job's training time of this epoch ends at the cut
+    samples = int(comm.store.add(counter_key(epoch), 0))
     done = (epoch + 1) * steps
     check_finite_loss(sums[-2], done)
-    dist, rel = consensus_distance(sums[:-4], float(sums[-4]), world)
-    per_rank = comm.all_gather_object((n_steps, train_s, strategy.outbox.bytes_sent - sent0,
-                                       strategy.pushes - pushes0,
-                                       strategy.pushes_skipped - skipped0,
-                                       strategy.absorbed - absorbed0,
-                                       strategy.pushes_held - held0))
-    metrics: dict[str, float] = {
-        "train/loss": float(sums[-2] / sums[-1]), "train/lr": strategy.lr,
-        "perf/samples_per_s": samples / wall_s, "perf/epoch_train_s": wall_s,
-        "perf/epoch_samples": float(samples), "progress/epoch": float(epoch + 1),
-        "gossip/consensus_distance": dist, "gossip/consensus_relative": rel,
-        "gossip/push_sum_weight_total": float(sums[-3]),
-        "gossip/messages_sent": float(sum(r[3] for r in per_rank)),
-        "gossip/pushes_skipped": float(sum(r[4] for r in per_rank)),
-        "gossip/pushes_held": float(sum(r[6] for r in per_rank)),
-        "comm/bytes_sent": float(sum(r[2] for r in per_rank))}
-    for r, (n, secs, _, _, _, absorbed, _) in enumerate(per_rank):
-        metrics[f"gossip/rank_{r}/steps"] = float(n)
-        metrics[f"gossip/rank_{r}/steps_per_s"] = n / max(secs, 1e-9)
-        metrics[f"gossip/rank_{r}/absorbed_per_step"] = absorbed / max(n, 1)
+    counts = [n_steps, train_s, *(a - b for a, b in zip(strategy.counters(), before))]
+    metrics = _metrics(sums, comm.all_gather_object(counts), samples, wall_s, strategy.lr,
+                       comm.world_size)
+    metrics["progress/epoch"] = float(epoch + 1)
     if rank == 0:
         sink.log_metrics(metrics, done)
     strategy.end_epoch(epoch + 1)
@@ -137,3 +92,68 @@ def _epoch(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: AsyncPu
     log.info("rank %d: epoch %d done after %d local steps (%.1f steps/s), job %d samples",
              rank, epoch + 1, n_steps, n_steps / max(train_s, 1e-9), samples)
     return metrics
+
+
+def _train(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: AsyncPushSum,
+           train: ShardStore, device: torch.device, epoch: int, steps: int,
+           uploads: BackgroundUploads | None) -> tuple[torch.Tensor, int]:
+    """This rank's steps until the job's count reaches the epoch's budget; returns the sum of
+    its losses and its step count."""
+    from sparkml_dist.training.loop import _maybe_die, seed_step, step_seed
+
+    tc = cfg.training
+    global_batch = tc.batch_size * comm.world_size
+    budget, key = steps * global_batch, counter_key(epoch)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_steps = count = 0
+    while count < budget:
+        _maybe_die(cfg, comm.rank, plan.attempt, strategy.local_steps, uploads)
+        x, y = train.gather(strategy.next_rows(len(train), tc.batch_size))
+        seed_step(step_seed(tc.seed, comm.rank, strategy.local_steps), device)
+        loss_sum += strategy.train_step(strategy.local_steps, x.to(device), y.to(device))
+        n_steps += 1
+        count = int(comm.store.add(key, tc.batch_size))
+        strategy.advance_schedule(epoch * steps + min(steps, count // global_batch))
+    return loss_sum, n_steps
+
+
+def _cut(comm: Communicator, strategy: AsyncPushSum, epoch: int, loss_sum: torch.Tensor,
+         n_steps: int) -> torch.Tensor:
+    """The epoch's consistent cut, then one all_reduce of the ranks' flat models, their squared
+    norms, weights, loss sums and step counts (in that order). That all_reduce is the first
+    collective after the cut's absorb: no rank sends again before every rank has absorbed."""
+    try:
+        strategy.cut()
+        flat = strategy._flat().double()
+        return comm.all_reduce(torch.cat([
+            flat, flat.pow(2).sum().reshape(1), strategy.weight.double().cpu().reshape(1),
+            loss_sum.cpu().reshape(1), torch.tensor([float(n_steps)], dtype=torch.float64)]),
+            "sum")
+    except (RuntimeError, ConnectionError, TimeoutError) as exc:
+        lost = sorted(strategy.inbox.lost)
+        if not lost:
+            raise
+        raise ConnectionError(f"rank {comm.rank}: the cut at the end of epoch {epoch + 1} "
+                              f"failed; rank(s) {lost} closed their connections and are lost "
+                              f"({type(exc).__name__}: {exc})") from exc
+
+
+def _metrics(sums: torch.Tensor, per_rank: list[list[float]], samples: int, wall_s: float,
+             lr: float, world: int) -> dict[str, float]:
+    """The epoch's metrics from the cut's sums (:func:`_cut`) and every rank's counts: steps,
+    training seconds, then the differences of :meth:`AsyncPushSum.counters`."""
+    dist, rel = consensus_distance(sums[:-4], float(sums[-4]), world)
+    total = [float(sum(r[i] for r in per_rank)) for i in range(2, 7)]
+    out: dict[str, float] = {
+        "train/loss": float(sums[-2] / sums[-1]), "train/lr": lr,
+        "perf/samples_per_s": samples / wall_s, "perf/epoch_train_s": wall_s,
+        "perf/epoch_samples": float(samples),
+        "gossip/consensus_distance": dist, "gossip/consensus_relative": rel,
+        "gossip/push_sum_weight_total": float(sums[-3]), "comm/bytes_sent": total[0],
+        "gossip/messages_sent": total[1], "gossip/pushes_skipped": total[2],
+        "gossip/pushes_held": total[3]}
+    for r, (n, secs, *_, absorbed) in enumerate(per_rank):
+        out[f"gossip/rank_{r}/steps"] = float(n)
+        out[f"gossip/rank_{r}/steps_per_s"] = n / max(secs, 1e-9)
+        out[f"gossip/rank_{r}/absorbed_per_step"] = absorbed / max(n, 1)
+    return out

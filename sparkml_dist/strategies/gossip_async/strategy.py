@@ -181,6 +181,13 @@ class AsyncPushSum(Gossip):
         else:
             self.pushes_skipped += 1
 
+    def counters(self) -> tuple[int, int, int, int, int]:
+        """Running totals of this attempt: bytes sent, pushes, pushes skipped (queue full),
+        pushes held (weight below the floor), messages absorbed."""
+        assert self.outbox is not None
+        return (self.outbox.bytes_sent, self.pushes, self.pushes_skipped, self.pushes_held,
+                self.absorbed)
+
     def end_epoch(self, epochs_done: int) -> None:
         """Record that ``epochs_done`` epochs are done (after the cut); the average model is
         recomputed once per epoch."""
