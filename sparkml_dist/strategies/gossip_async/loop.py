@@ -130,7 +130,7 @@ def _cut(comm: Communicator, strategy: AsyncPushSum, epoch: int, loss_sum: torch
             loss_sum.cpu().reshape(1), torch.tensor([float(n_steps)], dtype=torch.float64)]),
             "sum")
     except (RuntimeError, ConnectionError, TimeoutError) as exc:
-        lost = sorted(strategy.inbox.lost)
+        lost = strategy.inbox.lost_peers()
         if not lost:
             raise
         raise ConnectionError(f"rank {comm.rank}: the cut at the end of epoch {epoch + 1} "

@@ -96,6 +96,7 @@ class Inbox:
                     if eof and src >= 0 and not self._closed:
                         with self._lock:
                             self.lost.add(src)
+                            self._lock.notify_all()
                     elif not self._closed:
                         with self._lock:
                             self._error = f"{type(exc).__name__}: {exc}"
@@ -143,6 +144,15 @@ class Inbox:
                 self._lock.wait(min(left, 1.0))
         if self._error is not None:
             raise ConnectionError(f"rank {self.rank}'s inbox refused a message: {self._error}")
+
+    def lost_peers(self, wait_s: float = 2.0) -> list[int]:
+        """The peers whose connection closed, waiting up to ``wait_s`` for one (a collective
+        can fail on a lost peer a moment before its connection here reports it)."""
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            while not self.lost and time.monotonic() < deadline:
+                self._lock.wait(0.05)
+            return sorted(self.lost)
 
     def close(self) -> None:
         self._closed = True
