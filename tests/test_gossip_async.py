@@ -3,7 +3,7 @@ any order of asynchronous pushes, a straggler slowing only itself (per-rank step
 logs, against synchronous push-sum which the straggler holds back), allreduce's accuracy on
 digits with the consensus distance shrinking and every cut holding all the mass, a killed rank's
 job resuming from the last cut, the driver refusing what the variant does not support, and one
-job through ``fit`` on local Spark."""
+job with a straggler through ``fit`` on local Spark."""
 
 import numpy as np
 import pytest
@@ -196,15 +196,19 @@ def test_async_gossip_job_through_fit_on_local_spark(spark, digits_path, trackin
     from tests.test_fault_tolerance import ft_config
 
     df = spark.read.parquet(str(digits_path)).limit(800)
-    result = fit(df, ft_config(tracking_uri, **{"strategy.kind": "gossip",
-                                                "strategy.algorithm": "async_push_sum",
-                                                "checkpoint.every_steps": 0}))
+    result = fit(df, ft_config(tracking_uri, **{
+        "strategy.kind": "gossip", "strategy.algorithm": "async_push_sum",
+        "checkpoint.every_steps": 0, "model.factory": "tests.factories:straggler_mlp",
+        "model.kwargs": {"straggler": 1, "delay_s": 0.02, "hidden": [64]}}))
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.tags["sparkml_dist.resume_guarantee"] == RESUME_GUARANTEE
     assert run.data.tags["sparkml_dist.gossip.algorithm"] == "async_push_sum"
-    for r in range(2):
-        assert len(client.get_metric_history(result.run_id,
-                                             f"gossip/rank_{r}/steps_per_s")) == 3
+    rates = [[m.value for m in client.get_metric_history(result.run_id,
+                                                         f"gossip/rank_{r}/steps_per_s")]
+             for r in range(2)]
+    assert len(rates[0]) == len(rates[1]) == 3  # one per epoch
+    for fast, slow in zip(*rates):  # the straggler (rank 1, 20 ms a step) slows only itself
+        assert fast >= 1.5 * slow, rates
     assert client.get_metric_history(result.run_id, "gossip/consensus_distance")
     assert result.metrics["val/accuracy"] > 0.5
