@@ -142,6 +142,7 @@ def test_async_gossip_reaches_allreduce_accuracy_and_its_ranks_agree(data, allre
     for m in rows:
         assert m["gossip/push_sum_weight_total"] == pytest.approx(4, abs=1e-5)
         assert m["gossip/messages_sent"] > 0 and m["comm/bytes_sent"] > 0
+        assert 0 <= m["gossip/message_age_s"] < 30
         assert m["perf/epoch_samples"] >= 12 * 32 * 4  # the epoch's budget, job-wide
     assert len(_check_cuts_hold_all_the_mass(str(tmp_path), 4)) >= 1
 

@@ -62,7 +62,9 @@ and ``gossip/rank_<r>/steps`` (each rank's own rate and count), ``gossip/rank_<r
 absorbed_per_step`` (messages folded in per step), ``gossip/consensus_distance`` and
 ``gossip/consensus_relative`` at the cut, ``gossip/push_sum_weight_total`` (must stay the world
 size), ``gossip/messages_sent``, ``gossip/pushes_skipped``, ``gossip/pushes_held``,
-``comm/bytes_sent``, ``perf/epoch_samples`` and ``perf/epoch_train_s``, and
+``gossip/message_age_s`` (mean seconds from a message's send to its absorption: its
+staleness; wall clocks, so across machines it includes their skew), ``comm/bytes_sent``,
+``perf/epoch_samples`` and ``perf/epoch_train_s``, and
 ``perf/samples_per_s``: the job's samples in the epoch over the epoch's wall time up to the cut
 (an honest job rate, not a sum of rank rates). Every wait (sender flush, messages at a cut, the
 store, connections) is bounded by ``backend.timeout_s``; a lost peer is an error naming it.

@@ -143,7 +143,7 @@ def _metrics(sums: torch.Tensor, per_rank: list[list[float]], samples: int, wall
     """The epoch's metrics from the cut's sums (:func:`_cut`) and every rank's counts: steps,
     training seconds, then the differences of :meth:`AsyncPushSum.counters`."""
     dist, rel = consensus_distance(sums[:-4], float(sums[-4]), world)
-    total = [float(sum(r[i] for r in per_rank)) for i in range(2, 7)]
+    total = [float(sum(r[i] for r in per_rank)) for i in range(2, 8)]
     out: dict[str, float] = {
         "train/loss": float(sums[-2] / sums[-1]), "train/lr": lr,
         "perf/samples_per_s": samples / wall_s, "perf/epoch_train_s": wall_s,
@@ -151,8 +151,8 @@ def _metrics(sums: torch.Tensor, per_rank: list[list[float]], samples: int, wall
         "gossip/consensus_distance": dist, "gossip/consensus_relative": rel,
         "gossip/push_sum_weight_total": float(sums[-3]), "comm/bytes_sent": total[0],
         "gossip/messages_sent": total[1], "gossip/pushes_skipped": total[2],
-        "gossip/pushes_held": total[3]}
-    for r, (n, secs, *_, absorbed) in enumerate(per_rank):
+        "gossip/pushes_held": total[3], "gossip/message_age_s": total[5] / max(total[4], 1.0)}
+    for r, (n, secs, *_, absorbed, _) in enumerate(per_rank):
         out[f"gossip/rank_{r}/steps"] = float(n)
         out[f"gossip/rank_{r}/steps_per_s"] = n / max(secs, 1e-9)
         out[f"gossip/rank_{r}/absorbed_per_step"] = absorbed / max(n, 1)

@@ -3,7 +3,7 @@
 Both speak the parameter servers' wire (:mod:`sparkml_dist.strategies.parameter_server.wire`):
 one HMAC-SHA256-authenticated frame per message, a JSON header and a raw float32 body, nothing
 unpickled, the body size bounded before it is read. A message is one push-sum half: header
-``{"src": rank, "w": weight, "seq": n}``, body the numerator ``x``.
+``{"src": rank, "w": weight, "seq": n, "t": send time}``, body the numerator ``x``.
 
 - :class:`Inbox` listens on an ephemeral TCP port; one thread accepts, one thread per peer
   connection reads frames and adds them to a pending ``(x, w)`` sum under a lock. The training
@@ -50,6 +50,7 @@ class Inbox:
         self._x = np.zeros(numel, dtype=np.float32)
         self._w = 0.0
         self._pending = 0
+        self._sent_at = 0.0  # sum of the pending messages' send times (time.time())
         self.received: dict[int, int] = {}
         """Peer rank -> messages received from it (this attempt)."""
         self.bytes_received = 0
@@ -90,6 +91,7 @@ class Inbox:
                     header, body, n = wire.recv(conn, self.secret, wire.max_body_for(self.numel))
                     x = wire.from_bytes(body, self.numel, f"message to rank {self.rank}")
                     src, w = int(header["src"]), float(header["w"])
+                    sent_at = float(header.get("t", 0.0))
                 except (wire.WireError, OSError, KeyError, ValueError, TypeError) as exc:
                     eof = isinstance(exc, wire.WireError) and "closed by the peer after 0" \
                         in str(exc) or isinstance(exc, ConnectionResetError)
@@ -106,22 +108,23 @@ class Inbox:
                     self._x += x
                     self._w += w
                     self._pending += 1
+                    self._sent_at += sent_at
                     self.received[src] = self.received.get(src, 0) + 1
                     self.bytes_received += n
                     self._lock.notify_all()
 
-    def take(self) -> tuple[np.ndarray, float, int] | None:
-        """The sum of the halves received since the last call (``x``, ``w``, messages), or None
-        when nothing arrived."""
+    def take(self) -> tuple[np.ndarray, float, int, float] | None:
+        """The sum of the halves received since the last call (``x``, ``w``, messages, the sum
+        of their send times), or None when nothing arrived."""
         with self._lock:
             if self._error is not None:
                 raise ConnectionError(f"rank {self.rank}'s inbox refused a message: "
                                       f"{self._error}")
             if self._pending == 0:
                 return None
-            out = (self._x, self._w, self._pending)
+            out = (self._x, self._w, self._pending, self._sent_at)
             self._x = np.zeros(self.numel, dtype=np.float32)
-            self._w, self._pending = 0.0, 0
+            self._w, self._pending, self._sent_at = 0.0, 0, 0.0
             return out
 
     def wait_for(self, expected: dict[int, int]) -> None:

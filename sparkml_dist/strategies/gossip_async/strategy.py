@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,6 +56,7 @@ class AsyncPushSum(Gossip):
         self.pushes_skipped = 0  # the sender's queue was full
         self.pushes_held = 0  # the weight was below the push floor
         self.absorbed = 0
+        self.age_s = 0.0  # summed over absorbed messages: absorbed at minus sent at
         self.inbox: Inbox | None = None
         self.outbox: Outbox | None = None
         self._order: tuple[int, np.ndarray] | None = None
@@ -160,10 +162,11 @@ class AsyncPushSum(Gossip):
         got = self.inbox.take()
         if got is None:
             return
-        x, w, n = got
+        x, w, n, sent_at = got
         self.numerator += torch.from_numpy(x).to(self.ctx.device)
         self.weight += w
         self.absorbed += n
+        self.age_s += n * time.time() - sent_at
         self._set_flat(self.numerator / self.weight)
 
     def _push(self) -> None:
@@ -175,18 +178,19 @@ class AsyncPushSum(Gossip):
         dst = push_target(self.topology.out_peers(rank, self.pushes), self.pushes)
         w = float(self.weight) * 0.5
         body = to_bytes((self.numerator * 0.5).cpu().numpy())
-        if self.outbox.offer(dst, {"src": rank, "w": w, "seq": self.pushes}, body):
+        header = {"src": rank, "w": w, "seq": self.pushes, "t": time.time()}
+        if self.outbox.offer(dst, header, body):
             halve(self.numerator, self.weight)  # z = x / w is unchanged
             self.pushes += 1
         else:
             self.pushes_skipped += 1
 
-    def counters(self) -> tuple[int, int, int, int, int]:
+    def counters(self) -> tuple[float, ...]:
         """Running totals of this attempt: bytes sent, pushes, pushes skipped (queue full),
-        pushes held (weight below the floor), messages absorbed."""
+        pushes held (weight below the floor), messages absorbed, and their summed age."""
         assert self.outbox is not None
         return (self.outbox.bytes_sent, self.pushes, self.pushes_skipped, self.pushes_held,
-                self.absorbed)
+                self.absorbed, self.age_s)
 
     def end_epoch(self, epochs_done: int) -> None:
         """Record that ``epochs_done`` epochs are done (after the cut); the average model is
