@@ -124,7 +124,7 @@ def _cut(comm: Communicator, strategy: AsyncPushSum, epoch: int, loss_sum: torch
     collective after the cut's absorb: no rank sends again before every rank has absorbed."""
     try:
         strategy.cut()
-        flat = strategy._flat().double()
+        flat = strategy._flat().double().cpu()  # every piece on the host (one concat)
         return comm.all_reduce(torch.cat([
             flat, flat.pow(2).sum().reshape(1), strategy.weight.double().cpu().reshape(1),
             loss_sum.cpu().reshape(1), torch.tensor([float(n_steps)], dtype=torch.float64)]),
