@@ -426,9 +426,9 @@ def _class_positions(spark: SparkSession, base: DataFrame, counts: dict[int, int
     return ordered.withColumn(_POS, index - _lookup(start, label))
 
 
-def _number_single_window(spark: SparkSession, base: DataFrame, assembled: Assembled,
-                          cfg: DataConfig
-                          ) -> tuple[DataFrame, int, tuple[dict[Any, int], dict[Any, int]]]:
+def _number_stratified(spark: SparkSession, base: DataFrame, assembled: Assembled,
+                       cfg: DataConfig
+                       ) -> tuple[DataFrame, int, tuple[dict[Any, int], dict[Any, int]]]:
     """Stratified sharding with a stratified split (or none): both numberings group by class and
     order rows the same way, so one numbering (:func:`_class_positions`) computes them. A class's
     first ``quota`` rows are its validation rows; its train rows keep their order, shifted down
@@ -511,8 +511,7 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
     persisted: list[DataFrame] = []
     try:
         if cfg.sharding == "stratified" and (cfg.val_fraction == 0 or cfg.split == "stratified"):
-            numbered, val_n, shard_counts = _number_single_window(spark, base, assembled,
-                                                                    cfg)
+            numbered, val_n, shard_counts = _number_stratified(spark, base, assembled, cfg)
         else:
             numbered, val_n, shard_counts = _number_two_windows(base, assembled, cfg, seed,
                                                                 persisted)
