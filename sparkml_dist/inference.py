@@ -416,8 +416,8 @@ def task_device() -> Any:
 def model_on(model: Any, device: Any, probe: np.ndarray | None = None) -> tuple[Any, Any]:
     """``(model, device)``: ``model`` on ``device`` and the device its inputs must go to. Falls
     back to the CPU, with a warning, when the model cannot move there (a torch.export program
-    keeps the device it was traced on) or when its first forward there, on the first row of
-    ``probe``, fails."""
+    keeps the device it was traced on) or when its first forward there, on the first rows of
+    ``probe``, fails (running out of GPU memory is raised instead)."""
     import torch
 
     cpu = torch.device("cpu")
@@ -425,10 +425,12 @@ def model_on(model: Any, device: Any, probe: np.ndarray | None = None) -> tuple[
         return model, cpu
     try:
         moved = model.to(device)
-        if probe is not None and len(probe):
+        if probe is not None and len(probe):  # a few rows: some models refuse a batch of 1
             with torch.inference_mode():
-                moved(torch.from_numpy(np.array(probe[:1], dtype=np.float32)).to(device))
+                moved(torch.from_numpy(np.array(probe[:8], dtype=np.float32)).to(device))
         return moved, device
+    except torch.cuda.OutOfMemoryError:
+        raise  # a full GPU is not the model's fault: the task fails and Spark retries it
     except Exception as exc:  # noqa: BLE001 - any failure there: score where the model came from
         log.warning("the model cannot run on %s (%s); scoring on the CPU", device, exc)
         try:
@@ -460,7 +462,7 @@ def forward(model: Any, x: np.ndarray, batch_size: int, num_outputs: int,
                 if softmax:
                     y = torch.softmax(y, dim=1)
                 return y.reshape(len(x), -1).float().cpu().numpy()
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             if not on_gpu or step <= batch_size:
                 raise
             outs = y = None  # type: ignore[assignment]

@@ -100,7 +100,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: JobConfig, ds: Dataset, ck
         def log_metrics(self, metrics: dict[str, float], step: int) -> None:
             self.rows.append((step, dict(metrics)))
 
-        def flush(self) -> None:
+        def flush(self, timeout_s: float = 600.0) -> None:
             return None
 
     try:

@@ -213,3 +213,36 @@ def test_async_gossip_job_through_fit_on_local_spark(spark, digits_path, trackin
         assert fast >= 1.5 * slow, rates
     assert client.get_metric_history(result.run_id, "gossip/consensus_distance")
     assert result.metrics["val/accuracy"] > 0.5
+
+
+def test_inbox_ignores_strangers_and_names_a_peer_that_left_mid_cut():
+    import socket
+    import time
+
+    import numpy as np
+
+    from sparkml_dist.strategies.gossip_async.mailbox import Inbox
+    from sparkml_dist.strategies.parameter_server import wire
+
+    secret = b"s" * 32
+    inbox = Inbox(0, 4, secret, "127.0.0.1", timeout_s=30.0)
+    try:
+        with socket.create_connection(inbox.address) as s:  # a port scan, a health check
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        with socket.create_connection(inbox.address):
+            pass
+        with socket.create_connection(inbox.address) as s:  # rank 1: one message, then gone
+            wire.send(s, secret, {"src": 1, "w": 0.5, "seq": 0, "t": 0.0},
+                      wire.to_bytes(np.ones(4, np.float32)))
+        deadline = time.monotonic() + 10
+        while inbox.received.get(1, 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        x, w, n, _ = inbox.take()  # the strangers did not poison the inbox
+        assert n == 1 and w == 0.5 and np.array_equal(x, np.ones(4, np.float32))
+        assert inbox.lost_peers() == [1]
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match=r"rank\(s\) \[1\] closed their connection"):
+            inbox.wait_for({1: 2})  # its second message can never come: no 30 s wait
+        assert time.monotonic() - t0 < 5
+    finally:
+        inbox.close()

@@ -75,3 +75,21 @@ def test_a_failing_store_is_reported_by_the_next_call(run):
         sink.flush()
     with pytest.raises(RuntimeError, match="logging metrics to MLflow failed"):
         sink.log_metrics({"a": 2.0}, 2)
+
+
+def test_flush_is_bounded_when_the_store_does_not_answer(run):
+    uri, _, run_id = run
+    sink = MlflowSink(uri, run_id, interval_s=0.0)
+    real = sink.client.log_batch
+
+    def stuck(*args, **kwargs):
+        time.sleep(3.0)
+        return real(*args, **kwargs)
+
+    sink.client.log_batch = stuck  # type: ignore[method-assign]
+    sink.log_metrics({"a": 1.0}, 1)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="not stored in MLflow within 0.5 s"):
+        sink.flush(timeout_s=0.5)
+    assert time.monotonic() - t0 < 2.5
+    sink.flush()  # the write still lands once the store answers

@@ -406,14 +406,19 @@ def _class_positions(spark: SparkSession, base: DataFrame, counts: dict[int, int
     dealt to hash-aligned partitions (largest first onto the lightest), each partition is sorted
     by (class, hash, features), and a row's position is its index in the sorted partition (the
     low 33 bits of ``monotonically_increasing_id``) minus the rows of the classes sorted before
-    it there, known from the class counts. Rows that tie on the sort key are identical, so their
-    order cannot show."""
+    it there, known from the class counts. Rows that tie on the sort key are equal as Spark
+    compares them (same label and features; 0.0 equals -0.0 there, as under the window before),
+    so their order changes no value in any shard."""
     labels = sorted(k for k, v in counts.items() if v)
     parts = min(len(labels), _MAX_CLASS_PARTITIONS)
     load, part_of = [0] * parts, {}
     for k in sorted(labels, key=lambda k: (-counts[k], k)):
         p = min(range(parts), key=lambda i: (load[i], i))
         part_of[k], load[p] = p, load[p] + counts[k]
+    if max(load) >= 1 << 33:  # the position is the low 33 bits of the row's id
+        raise DataError(f"{max(load)} rows of the same class(es) fall into one numbering "
+                        f"partition; at most {(1 << 33) - 1} fit. Split the job's data or use "
+                        "data.sharding: random.")
     start, filled = {}, [0] * parts
     for k in labels:
         start[k], filled[part_of[k]] = filled[part_of[k]], filled[part_of[k]] + counts[k]

@@ -87,9 +87,19 @@ class MlflowSink:
         self._queue.put([Metric(key=k, value=float(v), timestamp=now, step=step)
                          for k, v in metrics.items()])
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float = 600.0) -> None:
+        """Write what is queued now and wait for it, at most ``timeout_s`` (a TimeoutError
+        past that: the tracking store does not answer)."""
         self._now.set()
-        self._queue.join()
+        done = self._queue.all_tasks_done
+        deadline = time.monotonic() + timeout_s
+        with done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"rank 0's metrics were not stored in MLflow within "
+                                       f"{timeout_s:g} s; the tracking store does not answer")
+                done.wait(left)
         if self._error is not None:
             raise RuntimeError(f"logging metrics to MLflow failed: {self._error}") from self._error
 

@@ -44,8 +44,8 @@ class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Record ``metrics`` at ``step``."""
 
-    def flush(self) -> None:
-        """Wait until every recorded metric is stored."""
+    def flush(self, timeout_s: float = 600.0) -> None:
+        """Wait (at most ``timeout_s``) until every recorded metric is stored."""
 
 
 class NullSink:
@@ -54,7 +54,7 @@ class NullSink:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         return None
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float = 600.0) -> None:
         return None
 
 
@@ -274,6 +274,10 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
     except BaseException:
         if uploads is not None:  # a checkpoint whose parts are all stored still commits
             uploads.wait_alone(cfg.backend.timeout_s)
+        try:  # the metrics up to the failure are what a user diagnoses it with
+            sink.flush(min(30.0, cfg.backend.timeout_s))
+        except Exception as exc:  # noqa: BLE001 - never hide the failure itself
+            log.warning("rank %d could not store its last metrics: %s", rank, exc)
         raise
     finally:
         strategy.close()

@@ -47,7 +47,8 @@ Orchestration (why this shape):
   messages they sent to whom (one all_gather), every rank waits (bounded) until all of those
   arrived and absorbs them; the next collective (the metrics all_reduce) is a fence: no rank
   sends again before every rank has absorbed. Then validation runs on the average of the ranks'
-  models and the checkpoint stores every rank's ``(x, w)``, model, optimizer, schedule and data
+  models ``z = x / w`` (the model a user gets; it differs from the push-sum network average
+  ``sum x / sum w`` while the weights are unequal) and the checkpoint stores every rank's ``(x, w)``, model, optimizer, schedule and data
   position, and the shared part the average model, with no message in flight.
 - Early stopping and ``checkpoint.every_steps`` are refused on the driver (cuts are taken at
   epoch ends only), as is a backend without point-to-point (Horovod).

@@ -93,16 +93,21 @@ class Inbox:
                     src, w = int(header["src"]), float(header["w"])
                     sent_at = float(header.get("t", 0.0))
                 except (wire.WireError, OSError, KeyError, ValueError, TypeError) as exc:
-                    eof = isinstance(exc, wire.WireError) and "closed by the peer after 0" \
-                        in str(exc) or isinstance(exc, ConnectionResetError)
-                    if eof and src >= 0 and not self._closed:
-                        with self._lock:
+                    if self._closed:
+                        return
+                    if src < 0:  # nothing authenticated came on it: not a peer's connection
+                        log.warning("rank %d's inbox dropped a connection that sent no valid "
+                                    "message: %s: %s", self.rank, type(exc).__name__, exc)
+                        return
+                    # A peer that died, between frames or in the middle of one.
+                    gone = isinstance(exc, (ConnectionResetError, BrokenPipeError)) or (
+                        isinstance(exc, wire.WireError) and "closed by the peer" in str(exc))
+                    with self._lock:
+                        if gone:
                             self.lost.add(src)
-                            self._lock.notify_all()
-                    elif not self._closed:
-                        with self._lock:
+                        else:
                             self._error = f"{type(exc).__name__}: {exc}"
-                            self._lock.notify_all()
+                        self._lock.notify_all()
                     return
                 with self._lock:
                     self._x += x
@@ -137,6 +142,12 @@ class Inbox:
                            if self.received.get(p, 0) < n}
                 if not missing or self._error is not None:
                     break
+                gone = sorted(set(missing) & self.lost)
+                if gone:  # everything a closed connection carried has been read already
+                    raise ConnectionError(
+                        f"rank {self.rank}: rank(s) {gone} closed their connection with "
+                        f"{sum(missing[p] for p in gone)} message(s) for this cut unsent; the "
+                        "peer is lost (see its task's error).")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(

@@ -102,8 +102,12 @@ class AsyncPushSum(Gossip):
         endpoint = getattr(comm, "_endpoint", None)
         host = own_address(endpoint.host) if endpoint is not None else "127.0.0.1"
         self.inbox = Inbox(comm.rank, self.numerator.numel(), secret, host, comm.timeout_s)
-        addresses = [tuple(a) for a in comm.all_gather_object(list(self.inbox.address))]
-        self.outbox = Outbox(comm.rank, secret, addresses, comm.timeout_s)
+        try:
+            addresses = [tuple(a) for a in comm.all_gather_object(list(self.inbox.address))]
+            self.outbox = Outbox(comm.rank, secret, addresses, comm.timeout_s)
+        except BaseException:  # a lost peer before training: no listener outlives the attempt
+            self.close()
+            raise
         log.info("async push-sum: rank %d listens at %s:%d, %s graph of %d ranks, a push every "
                  "%d step(s)", comm.rank, *self.inbox.address, self.cfg.topology,
                  self.topology.world_size, self.cfg.gossip_every)
