@@ -3,8 +3,9 @@ launched by PySpark's ``TorchDistributor`` (local mode) and by ``torchrun``.
 
     python benchmarks/bench_training.py [--rows 40960 --epochs 5 --batch-size 64 --reps 5]
 
-The three launchers run alternately (a, b, c, a, b, c, ...) after one discarded warm-up round;
-each figure is the median over repetitions and each ratio the median of per-round ratios.
+The three launchers run alternately after one discarded warm-up round, in an order that rotates
+each round (a b c, b c a, c a b, ...), so none always runs first or after the same one; each
+figure is the median over repetitions and each ratio the median of per-round ratios.
 
 Definitions (all wall clock, rank 0):
 - samples/s (steady state): samples of epochs 2..E over the time those epochs took (the first
@@ -166,9 +167,11 @@ def main() -> None:
                    "torch_distributor": lambda: run_distributor(npz, args),
                    "torchrun": lambda: run_torchrun(npz, args, tmp)}
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in runners}
+        names = list(runners)
         for rep in range(args.reps + 1):  # round 0 warms up the JVM, MLflow store and caches
-            for name, fn in runners.items():
-                r = fn()
+            # The order rotates each round, so no runner always follows the same one.
+            for name in names[rep % 3:] + names[:rep % 3]:
+                r = runners[name]()
                 print(f"round {rep} {name}: {r['samples_per_s']:,.0f} samples/s, first step after "
                       f"{r['launch_to_first_step_s']:.1f}s, total {r['total_s']:.1f}s", flush=True)
                 if rep:

@@ -3,6 +3,7 @@
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from pyspark.sql import functions as F
 
@@ -228,10 +229,33 @@ def _assert_numbering_rule(spark, df, cfg):
     assert sorted((tuple(r[FEATURES]), r[LABEL], r[ROW], r[SHARD], r[SPLIT]) for r in got) == \
         _reference_numbering(spark, df, cfg, N, 5)
     assert all(r["p"] == r[SHARD] for r in got)
-    for p in range(N):  # storage order within a partition: (split, row)
-        keys = [(r[SPLIT], r[ROW]) for r in got if r["p"] == p]
-        assert keys == sorted(keys)
+    for p in range(N):  # a rank's shard store holds its partition's rows in row order
+        _assert_stores_in_row_order([r for r in got if r["p"] == p], (p,))
     prepared.release()
+
+
+def _assert_stores_in_row_order(rows, shards):
+    """Feed one partition's rows, as they came, to a ShardBuilder: each (shard, split) store
+    holds exactly those rows, ascending, with their own features and labels."""
+    from sparkml_dist.data.shard_store import ShardBuilder
+
+    width = len(rows[0][FEATURES])
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array([list(r[FEATURES]) for r in rows], type=pa.list_(pa.float32())),
+         pa.array([r[LABEL] for r in rows], pa.int64()), pa.array([r[ROW] for r in rows]),
+         pa.array([r[SHARD] for r in rows], pa.int32()), pa.array([r[SPLIT] for r in rows],
+                                                                  pa.int8())],
+        names=[FEATURES, LABEL, ROW, SHARD, SPLIT])
+    stores = ShardBuilder(width, 1 << 30, expected_shards=shards).extend([batch]).finish_shards()
+    for shard in shards:
+        for split, store in enumerate(stores[shard]):
+            mine = sorted((r[ROW], tuple(r[FEATURES]), r[LABEL]) for r in rows
+                          if r[SHARD] == shard and r[SPLIT] == split)
+            np.testing.assert_array_equal(store.row_ids(), [m[0] for m in mine])
+            if mine:
+                x, y = store.gather(np.arange(len(store)))
+                np.testing.assert_array_equal(x.numpy(), np.float32([m[1] for m in mine]))
+                np.testing.assert_array_equal(y.numpy(), [m[2] for m in mine])
 
 
 def test_a_layout_with_several_shards_per_rank(spark, imbalanced):
@@ -249,9 +273,12 @@ def test_a_layout_with_several_shards_per_rank(spark, imbalanced):
     got = many.frame.select(*cols).collect()
     for r in got:
         assert r["p"] == layout.rank_of_shard(r[SHARD])
-    for p in range(3):  # sorted by (shard, split, row) within the partition
-        keys = [(r[SHARD], r[SPLIT], r[ROW]) for r in got if r["p"] == p]
-        assert keys == sorted(keys)
+    for p in range(3):  # each rank's stores hold its shards' rows in row order
+        mine = [r for r in got if r["p"] == p]
+        if layout.shards_of_rank[p]:
+            _assert_stores_in_row_order(mine, layout.shards_of_rank[p])
+        else:
+            assert not mine
     def key(rows):
         return sorted((tuple(r[FEATURES]), r[LABEL], r[ROW], r[SHARD], r[SPLIT]) for r in rows)
 

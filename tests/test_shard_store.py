@@ -5,14 +5,16 @@ import pytest
 from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT, ShardBuilder
 
 
-def _batches(n=1000, width=8, batch=128, shard=0):
+def _batches(n=1000, width=8, batch=128, shard=0, arrival=None):
+    """Rows 0..n-1 of one shard as record batches, in row order or in the order ``arrival``."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, width)).astype(np.float32)
     y = rng.integers(0, 3, size=n)
     split = (np.arange(n) % 5 == 0).astype(np.int8)
+    at = np.arange(n) if arrival is None else arrival
     out = []
     for s in range(0, n, batch):
-        sl = slice(s, s + batch)
+        sl = at[s:s + batch]
         out.append(pa.RecordBatch.from_arrays(
             [pa.array(list(x[sl]), type=pa.list_(pa.float32())), pa.array(y[sl]),
              pa.array(np.arange(n)[sl]), pa.array(np.full(len(y[sl]), shard, np.int32)),
@@ -41,6 +43,38 @@ def test_shard_store_gathers_rows_in_memory_and_spilled(budget, tmp_path):
     np.testing.assert_array_equal(gy.numpy(), ty[idx])
     np.testing.assert_array_equal(train.row_ids(), np.arange(1000)[split == 0])
     assert sum(len(bx) for bx, _ in val.iter_batches(64)) == len(val)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 4096])
+def test_rows_arriving_out_of_order_are_held_in_row_order(budget, tmp_path):
+    """The prepared frame is not sorted within its partitions: rows arrive as interleaved
+    ascending runs (one per upstream partition). Gathers, evaluation batches and row ids are
+    those of rows that arrived in order, in memory and spilled."""
+    n = 1000
+    runs = [np.arange(n)[k::3] for k in range(3)]  # three ascending runs, interleaved by batch
+    arrival = np.concatenate([r[i:i + 50] for i in range(0, n, 50) for r in runs])
+    x, y, split, batches = _batches(n=n, batch=96, arrival=arrival)
+    _, _, _, in_order = _batches(n=n, batch=96)
+    got = ShardBuilder(8, budget, str(tmp_path)).extend(batches).finish()
+    want = ShardBuilder(8, 1 << 30).extend(in_order).finish()
+    assert (got[0].spilled_path is not None) == (budget == 4096)
+    for g, w, sp in zip(got, want, (0, 1)):
+        np.testing.assert_array_equal(g.row_ids(), np.arange(n)[split == sp])
+        idx = np.random.default_rng(1).permutation(len(w))
+        for a, b in zip(g.gather(idx), w.gather(idx)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        for (gx, gy), (wx, wy) in zip(g.iter_batches(64), w.iter_batches(64), strict=True):
+            np.testing.assert_array_equal(gx.numpy(), wx.numpy())
+            np.testing.assert_array_equal(gy.numpy(), wy.numpy())
+        # Storage positions (what the GPU-resident feed indexes) name the same rows.
+        np.testing.assert_array_equal(g.features[g.physical(idx)], x[g.row_ids()[idx]])
+
+
+def test_a_row_number_received_twice_is_an_error():
+    _, _, _, batches = _batches(n=200, batch=64, arrival=np.r_[np.arange(100, 200), np.arange(100)])
+    _, _, _, again = _batches(n=200, batch=64)
+    with pytest.raises(AssertionError, match="the same row number twice"):
+        ShardBuilder(8, 1 << 30).extend(batches + again[:1]).finish()
 
 
 def test_rows_of_another_shard_are_rejected():

@@ -7,10 +7,14 @@ features of every store so far and every later row go to one raw float32 file pe
 disk, which is then memory-mapped: the operating system pages it in, so a shard larger than RAM
 still trains (labels and row numbers, a few bytes a row, stay in memory).
 
-Each store ends as ONE contiguous ``(rows, width)`` array (in memory or mapped), so a batch is a
-single ``torch.index_select`` into a fresh tensor, as fast as indexing a tensor that was loaded
-whole. Finishing an in-memory store that arrived in several pieces copies them once into place;
-pieces are released as they are copied, so the peak stays near one copy of the shard.
+Rows may arrive in any order (the prepared frame is not sorted within its partitions: a sort in
+Spark costs more than one here); a store's rows are its row numbers in ascending order, which is
+what the data order indexes. Each store ends as ONE contiguous ``(rows, width)`` array (in memory
+or mapped), so a batch is a single ``torch.index_select`` into a fresh tensor, as fast as
+indexing a tensor that was loaded whole. Finishing an in-memory store copies its pieces once,
+each row straight to its place in row order; pieces are released as they are copied, so the
+peak stays near one copy of the shard. A spilled store keeps its file in arrival order and maps
+positions through a permutation (``ShardStore.physical``), so nothing is rewritten on disk.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ SPLIT = "__split"  # 0 = train, 1 = validation
 class _Chunk:
     features: np.ndarray  # (n, width) float32 view into an Arrow buffer
     labels: np.ndarray    # (n,) int64 or float32 view
-    rows: np.ndarray      # (n,) int64 global row numbers, ascending
+    rows: np.ndarray      # (n,) int64 global row numbers (ascending in a store's chunks)
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -64,10 +68,16 @@ def _concat(parts: list[np.ndarray], shape_tail: tuple[int, ...], dtype: np.dtyp
 
 
 class ShardStore:
-    """Rows of one split of one shard, in ascending global row order, stored contiguously."""
+    """Rows of one split of one shard, in ascending global row order, stored contiguously.
+
+    ``order`` (optional): the storage position of each row in row order, when storage is not in
+    row order (a spilled store keeps arrival order); positions given to :meth:`gather` are
+    positions in row order either way.
+    """
 
     def __init__(self, chunks: list[_Chunk], width: int, spilled_path: str | None = None,
-                 keepalive: object | None = None, label_dtype: Any = None) -> None:
+                 keepalive: object | None = None, label_dtype: Any = None,
+                 order: np.ndarray | None = None) -> None:
         chunks = [c for c in chunks if len(c.rows)]
         self.width = width
         self.spilled_path = spilled_path
@@ -84,6 +94,9 @@ class ShardStore:
         self.labels = _concat([c.labels for c in chunks] or [np.empty(0, label_dtype)], (),
                               label_dtype)
         self.rows = _concat([c.rows for c in chunks] or [np.empty(0, np.int64)], (), np.int64)
+        if order is not None and len(order) != len(self.rows):
+            raise ValueError(f"order names {len(order)} positions for {len(self.rows)} rows")
+        self._order = None if order is None else np.ascontiguousarray(order, dtype=np.int64)
         self._x = _as_tensor(self.features)
         self._y = _as_tensor(self.labels)
         self.arrow_nbytes = self.features.nbytes + self.labels.nbytes + self.rows.nbytes
@@ -96,20 +109,29 @@ class ShardStore:
         return len(self.rows)
 
     def row_ids(self) -> np.ndarray:
-        """Global row numbers of this shard's rows, in storage order."""
-        return self.rows
+        """Global row numbers of this shard's rows, ascending."""
+        return self.rows if self._order is None else self.rows[self._order]
+
+    def physical(self, idx: np.ndarray) -> np.ndarray:
+        """Storage positions (indices into ``features`` and ``labels``) of rows ``idx``
+        (positions in row order)."""
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
+        return idx if self._order is None else self._order[idx]
 
     def gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of rows ``idx`` (positions in this shard), in that order, as new
-        tensors."""
-        i = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        """Features and labels of rows ``idx`` (positions in this shard, in row order), in that
+        order, as new tensors."""
+        i = torch.from_numpy(self.physical(idx))
         return torch.index_select(self._x, 0, i), torch.index_select(self._y, 0, i)
 
     def iter_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """All rows in storage order, ``batch_size`` at a time (for evaluation), as new tensors."""
+        """All rows in row order, ``batch_size`` at a time (for evaluation), as new tensors."""
         for start in range(0, len(self), batch_size):
             end = min(start + batch_size, len(self))
-            yield self._x[start:end].clone(), self._y[start:end].clone()
+            if self._order is not None:
+                yield self.gather(np.arange(start, end))
+            else:
+                yield self._x[start:end].clone(), self._y[start:end].clone()
 
 
 def _chunk_from_batch(batch: pa.RecordBatch, width: int) -> _Chunk:
@@ -154,9 +176,14 @@ class _Pieces:
     def store(self, width: int, label_dtype: np.dtype) -> ShardStore:
         labels = _concat(self.labels or [np.empty(0, label_dtype)], (), label_dtype)
         rows = _concat(self.rows or [np.empty(0, np.int64)], (), np.int64)
+        order = _row_order(rows)
         if self.path is None:
-            features = _concat(self.features or [np.empty((0, width), np.float32)], (width,),
-                               np.float32)
+            if order is None:
+                features = _concat(self.features or [np.empty((0, width), np.float32)],
+                                   (width,), np.float32)
+            else:
+                features = _place(self.features, order, width)
+                labels, rows = labels[order], rows[order]
             return ShardStore([_Chunk(features, labels, rows)], width, label_dtype=label_dtype)
         self.file.close()
         if self.spilled_rows:
@@ -166,7 +193,36 @@ class _Pieces:
             features = np.empty((0, width), np.float32)
         os.unlink(self.path)  # the mapping stays valid; the disk space goes with the task
         return ShardStore([_Chunk(features, labels, rows)], width, self.path, features,
-                          label_dtype)
+                          label_dtype, order)
+
+
+def _row_order(rows: np.ndarray) -> np.ndarray | None:
+    """Positions of ``rows`` in ascending order; None when they already ascend. Row numbers are
+    unique: a repeated one means the shard-to-partition mapping is broken."""
+    if len(rows) < 2:
+        return None
+    step = np.diff(rows)
+    if (step > 0).all():
+        return None
+    order = np.argsort(rows, kind="stable")  # arrival is runs of ascending rows: cheap to sort
+    if (np.diff(rows[order]) == 0).any():
+        raise AssertionError("a shard received the same row number twice; the shard-to-"
+                             "partition mapping is broken")
+    return order
+
+
+def _place(pieces: list[np.ndarray], order: np.ndarray, width: int) -> np.ndarray:
+    """One ``(rows, width)`` array with arrival row ``order[k]`` at position ``k``: each piece is
+    copied once, straight into place, and released."""
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))
+    out = np.empty((len(order), width), np.float32)
+    at = 0
+    while pieces:
+        p = pieces.pop(0)
+        out[where[at:at + len(p)]] = p
+        at += len(p)
+    return out
 
 
 class ShardBuilder:

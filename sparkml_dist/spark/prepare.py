@@ -82,7 +82,8 @@ class PreparedData:
     frame: DataFrame
     """Rows with ``__features``, ``__label``, ``__row``, ``__shard``, ``__split``. It has
     ``layout.world_size`` partitions; partition r holds exactly the rows of the shards of rank r,
-    sorted by (shard, split, row). Persisted: call :meth:`release` when the job ends."""
+    in no particular order (a rank's shard store orders them by row). Persisted: call
+    :meth:`release` when the job ends."""
     num_workers: int
     """World size (``layout.world_size``)."""
     in_features: int
@@ -488,16 +489,6 @@ def _number_two_windows(base: DataFrame, assembled: Assembled, cfg: DataConfig, 
     return numbered, val_n, nonzero  # type: ignore[return-value]
 
 
-def _storage_order(shard: Column, num_shards: int, rows: int) -> list[Column]:
-    """Sort keys for (shard, split, row): packed into one ``long`` that sorts the same way where
-    it fits (one key sorts faster, on its prefix alone, than three)."""
-    row_bits = max(rows, 1).bit_length()
-    if num_shards.bit_length() + row_bits + 1 >= 63:
-        return [shard, F.col(SPLIT), F.col(ROW)]
-    return [shard.cast("long") * (1 << (row_bits + 1)) + F.col(SPLIT).cast("long")
-            * (1 << row_bits) + F.col(ROW)]
-
-
 def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
                     layout: DataLayout, seed: int) -> PreparedData:
     """Split ``assembled`` into train/validation, deal rows to ``layout.num_shards`` shards and
@@ -505,8 +496,9 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
 
     Rows are numbered ``0..n-1`` per split: groups (classes when stratified, seeded hash buckets
     when random) in sorted order, rows within a group in content-hash order; row ``g`` goes to
-    shard ``g % num_shards``. Partition r of the frame holds exactly the shards of rank r, sorted
-    by (shard, split, row). Release the result with :meth:`PreparedData.release`.
+    shard ``g % num_shards``. Partition r of the frame holds exactly the shards of rank r, in no
+    particular order (:class:`~sparkml_dist.data.shard_store.ShardBuilder` orders each store by
+    row). Release the result with :meth:`PreparedData.release`.
     """
     _check_layout(layout)
     t0 = time.perf_counter()
@@ -531,9 +523,10 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
         # Shard and partition key are functions of the row number: computed where needed, not
         # carried through the shuffle and the sort.
         shard = (F.col(ROW) % num_shards).cast("int")
+        # No sort within partitions: each rank's shard store puts its rows in row order, which
+        # costs less there (mostly ascending runs, one copy) than a sort of every row in Spark.
         frame = (numbered.select(FEATURES, LABEL, F.col(ROW).cast("long").alias(ROW), SPLIT)
                  .repartition(world, _lookup(rank_key, shard))
-                 .sortWithinPartitions(*_storage_order(shard, num_shards, assembled.rows))
                  .select(FEATURES, LABEL, ROW, shard.alias(SHARD), SPLIT))
         frame = _persist(frame)
         persisted.insert(0, frame)

@@ -3,7 +3,8 @@
 Three ways, picked once per rank by :func:`make_feed`:
 
 - ``resident`` (GPU, the shard fits ``data.device_cache_share`` of free GPU memory): the whole
-  shard is copied to the GPU once; each step's batch is an ``index_select`` on the GPU.
+  shard is copied to the GPU once, in storage order; each step's batch is an ``index_select`` on
+  the GPU at the rows' storage positions (:meth:`ShardStore.physical`).
 - ``prefetch`` (GPU, shard too large): a background thread gathers the next batches into pinned
   host buffers and starts their copy on a side CUDA stream, a bounded queue of depth 2, so the
   copy of step n+1 overlaps the compute of step n.
@@ -65,7 +66,7 @@ class BatchFeed:
                 # A pinned source keeps the copy asynchronous: from pageable memory the driver
                 # may wait for the stream, a host sync per step. The caching host allocator
                 # holds the pinned block until the copy is done.
-                i = torch.from_numpy(np.ascontiguousarray(self.indices(step))).pin_memory().to(
+                i = torch.from_numpy(self.store.physical(self.indices(step))).pin_memory().to(
                     self.device, non_blocking=True)
                 yield torch.index_select(self._x, 0, i), torch.index_select(self._y, 0, i)
         elif self.mode == "prefetch":
