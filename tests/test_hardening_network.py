@@ -16,7 +16,7 @@ from sparkml_dist.comm.sealed_store import SealedStore, new_secret
 from sparkml_dist.config import JobConfig
 from sparkml_dist.driver_checks import check_encryption
 from sparkml_dist.errors import ConfigError, RendezvousError
-from sparkml_dist.spark.rendezvous import host_store
+from sparkml_dist.spark.rendezvous import DriverBoard, _via_board, host_store
 
 TIMEOUT = datetime.timedelta(seconds=20)
 
@@ -45,6 +45,35 @@ def test_store_listens_on_the_given_address_only():
         with pytest.raises(Exception):
             dist.TCPStore("127.0.0.1", outside.port, 2, is_master=False,
                           timeout=datetime.timedelta(seconds=2))
+
+
+def test_ranks_learn_rank_0s_address_from_the_driver_board_sealed_and_bounded():
+    import threading
+    import time
+
+    board = DriverBoard("127.0.0.1", 10.0)
+    assert _listeners(board.address[1]) == {"127.0.0.1"}
+    secret = new_secret()
+    got: dict[int, str] = {}
+
+    def rank(r: int) -> None:  # rank 1 starts waiting before rank 0 posts
+        got[r] = _via_board(board.address, r, 3, '{"host": "h", "port": 7}', secret, 10.0)
+
+    waiter = threading.Thread(target=rank, args=(1,))
+    waiter.start()
+    time.sleep(0.3)
+    rank(0)
+    waiter.join(10)
+    assert got == {0: '{"host": "h", "port": 7}', 1: '{"host": "h", "port": 7}'}
+    # Another attempt's key, or the right key under another secret, is never read: the wait
+    # ends at its bound with an error naming the board.
+    for attempt, key in ((4, secret), (3, new_secret())):
+        t0 = time.monotonic()
+        with pytest.raises(RendezvousError, match=r"rendezvous of rank 1 \(rank 0's address on "
+                                                  r"the driver's board at 127\.0\.0\.1:\d+\)"):
+            _via_board(board.address, 1, attempt, "", key, 1.5)
+        assert time.monotonic() - t0 < 6
+    board.close()
 
 
 def _rank(rank: int, port: int, secret: str, out: "mp.Queue") -> None:

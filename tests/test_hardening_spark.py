@@ -3,6 +3,7 @@ collectives are refused unless allowed; with the opt-in, ranks meet over the sea
 on the chosen interface; the run's status is right when the job fails before training or is
 interrupted."""
 
+import logging
 import os
 import signal
 import threading
@@ -48,13 +49,20 @@ def test_encrypted_cluster_refuses_unencrypted_collectives_before_launch(digits_
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_ranks_meet_over_the_sealed_rendezvous_on_the_chosen_interface(digits_df, tracking_uri):
-    result = fit(digits_df, config(tracking_uri))
+@pytest.mark.parametrize("rendezvous", ["auto", "barrier"])
+def test_ranks_meet_over_the_sealed_rendezvous_on_the_chosen_interface(
+        digits_df, tracking_uri, rendezvous, caplog):
+    # auto: rank 0's address through the driver's board; barrier: through allGather.
+    with caplog.at_level(logging.INFO, logger="sparkml_dist.spark.rendezvous"):
+        result = fit(digits_df, config(tracking_uri, **{"backend.rendezvous": rendezvous}))
     assert result.attempts == 1 and len(result.ranks) == 2
     assert result.metrics["val/accuracy"] > 0.5
     run = MlflowClient(tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["backend.socket_ifname"] == "lo"
+    assert run.data.params["backend.rendezvous"] == rendezvous
+    on_board = "ranks meet at the driver's rendezvous board" in caplog.text
+    assert on_board == (rendezvous == "auto"), caplog.text
 
 
 def test_failure_before_training_marks_the_run_failed(digits_df, tracking_uri):

@@ -21,6 +21,7 @@ from sparkml_dist.comm.sealed_store import new_secret
 from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import USER_ERROR_MARKER, TrainingFailed, UserCodeError
 from sparkml_dist.spark.prepare import PreparedData
+from sparkml_dist.spark.rendezvous import open_board
 from sparkml_dist.spark.task import RESULT_SCHEMA, TaskSpec, run_barrier_task
 from sparkml_dist.tracking.redact import redact_uri
 from sparkml_dist.tracking.run import JobRun
@@ -154,6 +155,19 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
     ``before_relaunch`` runs before every relaunch (the pre-flight check, which waits for a lost
     executor's replacement to register).
     """
+    spark = prepared.frame.sparkSession
+    board = open_board(spark, cfg.backend.rendezvous, cfg.backend.rendezvous_timeout_s)
+    try:
+        return _attempts(prepared, cfg, run, before_relaunch,
+                         board.address if board is not None else None)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
+              before_relaunch: Callable[[], None] | None, board: tuple[str, int] | None
+              ) -> list[dict[str, Any]]:
     first = run.attempts_so_far
     last = first + cfg.fault.max_restarts
     deadline = JobDeadline(prepared.frame.sparkSession, cfg.fault.deadline_s)
@@ -162,7 +176,7 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
                         train_shard_sizes=prepared.train_shard_sizes, layout=prepared.layout,
                         attempt=attempt)
         spec = TaskSpec(config=cfg, plan=plan, run_id=run.run_id, tracking_uri=run.tracking_uri,
-                        secret=new_secret())
+                        secret=new_secret(), board=board)
         run.record_attempt(attempt)
         log.info("launching attempt %d: a barrier stage of %d ranks", attempt,
                  prepared.num_workers)

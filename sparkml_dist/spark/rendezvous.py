@@ -1,6 +1,14 @@
 """Ranks meet through Spark's ``BarrierTaskContext``: rank = partition id; rank 0 opens a store on a
-free port of its own executor address (not every interface) and shares that address with
-``allGather``. The store is wrapped in a :class:`~sparkml_dist.comm.sealed_store.SealedStore`
+free port of its own executor address (not every interface) and the other ranks learn that
+address in one of two ways (``backend.rendezvous``):
+
+- ``auto`` on classic Spark: rank 0 posts it on the driver's board, a small store the driver
+  opens at ``spark.driver.host`` for the job (:class:`DriverBoard`); the others wait for it
+  there, which returns as soon as it is posted;
+- ``barrier`` (and Spark Connect, where executors may not reach the client): through
+  ``allGather``. Spark's barrier calls poll in whole seconds, so this costs about 1 s a launch.
+
+The store (and the board) are wrapped in a :class:`~sparkml_dist.comm.sealed_store.SealedStore`
 keyed by the attempt's secret, so only the job's ranks can read or write rendezvous keys. Every
 wait is bounded."""
 
@@ -56,7 +64,7 @@ def listen_on(host: str) -> socket.socket:
     return sock
 
 
-def host_store(host: str, world: int, timeout_s: float) -> object:
+def host_store(host: str, world: int | None, timeout_s: float) -> object:
     """Rank 0's ``TCPStore``, listening on ``host`` only (torch's own default listens on every
     interface)."""
     import torch.distributed as dist
@@ -74,8 +82,10 @@ def host_store(host: str, world: int, timeout_s: float) -> object:
 
 
 def barrier_rendezvous(ctx, attempt: int, rendezvous_timeout_s: float, timeout_s: float,
-                       secret: str) -> tuple[Endpoint, SealedStore]:
-    """Meet the other ranks of this barrier stage.
+                       secret: str, board: tuple[str, int] | None = None
+                       ) -> tuple[Endpoint, SealedStore]:
+    """Meet the other ranks of this barrier stage (through the driver's ``board`` at
+    ``(host, port)`` when given, else ``allGather``).
 
     Returns this rank's :class:`Endpoint` and the ``torch.distributed`` store: rank 0 hosts a
     ``TCPStore`` on its executor's address at a port the OS picks, the others connect to it;
@@ -93,9 +103,12 @@ def barrier_rendezvous(ctx, attempt: int, rendezvous_timeout_s: float, timeout_s
         host = infos[0].address.rsplit(":", 1)[0].strip("[]")
         store = host_store(host, world, timeout_s)
         message = json.dumps({"host": host, "port": store.port, "attempt": attempt})
-    messages = bounded(lambda: ctx.allGather(message), rendezvous_timeout_s,
-                       f"rendezvous of rank {rank} (allGather)")
-    info = json.loads(messages[0])
+    if board is not None:
+        posted = _via_board(board, rank, attempt, message, secret, rendezvous_timeout_s)
+    else:
+        posted = bounded(lambda: ctx.allGather(message), rendezvous_timeout_s,
+                         f"rendezvous of rank {rank} (allGather)")[0]
+    info = json.loads(posted)
     if info["attempt"] != attempt:
         raise RendezvousError(f"rank {rank} of attempt {attempt} met rank 0 of attempt "
                               f"{info['attempt']}")
@@ -107,3 +120,75 @@ def barrier_rendezvous(ctx, attempt: int, rendezvous_timeout_s: float, timeout_s
     log.info("rank %d/%d met rank 0 at %s:%d", rank, world, info["host"], info["port"])
     return Endpoint(rank=rank, world_size=world, host=info["host"], port=info["port"],
                     attempt=attempt, timeout_s=timeout_s), SealedStore(store, secret)
+
+
+_BOARD_KEY = "rank0-store/attempt-{attempt}"
+
+
+class DriverBoard:
+    """The driver's board for one job: a ``TCPStore`` at the address executors reach the driver
+    at, where rank 0 of each attempt posts its own store's address. Keys and values are sealed
+    with the attempt's secret, so a client without it can neither read nor forge an address.
+    :meth:`close` stops it (the ranks only use it to meet)."""
+
+    def __init__(self, host: str, timeout_s: float) -> None:
+        self._store: object | None = host_store(host, None, timeout_s)
+        self.address: tuple[str, int] = (host, self._store.port)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._store = None  # the server stops with its last reference
+
+
+def driver_address(spark) -> str | None:
+    """The address executors reach the driver at (``spark.driver.host``, resolved), or None
+    under Spark Connect (the client is not the driver) or where Spark does not say."""
+    try:
+        spark.sparkContext  # noqa: B018 - raises on Spark Connect
+        host = spark.conf.get("spark.driver.host", None)
+    except Exception:  # noqa: BLE001 - Spark Connect, or the key is hidden
+        return None
+    return socket.gethostbyname(host) if host else None
+
+
+def open_board(spark, mode: str, timeout_s: float) -> DriverBoard | None:
+    """The job's :class:`DriverBoard` for ``backend.rendezvous=auto`` on classic Spark; None
+    (ranks meet through ``allGather``) for ``barrier``, under Spark Connect, or where the driver
+    cannot listen at its address (logged)."""
+    if mode == "barrier":
+        return None
+    host = driver_address(spark)
+    if host is None:
+        log.info("ranks meet through BarrierTaskContext.allGather (no driver address: Spark "
+                 "Connect or spark.driver.host unset)")
+        return None
+    try:
+        board = DriverBoard(host, timeout_s)
+    except Exception as exc:  # noqa: BLE001 - the barrier path still works
+        log.warning("could not open the rendezvous board at %s (%s: %s); ranks meet through "
+                    "BarrierTaskContext.allGather, about 1 s slower. Set backend.rendezvous="
+                    "barrier to skip this attempt.", host, type(exc).__name__, exc)
+        return None
+    log.info("ranks meet at the driver's rendezvous board %s:%d", *board.address)
+    return board
+
+
+def _via_board(board: tuple[str, int], rank: int, attempt: int, message: str, secret: str,
+               timeout_s: float) -> str:
+    """Rank 0 posts ``message`` on the driver's board; the others wait (bounded) for it."""
+    import torch.distributed as dist
+
+    host, port = board
+    key = _BOARD_KEY.format(attempt=attempt)
+
+    def exchange() -> str:
+        client = SealedStore(dist.TCPStore(host, port, None, is_master=False,
+                                           timeout=datetime.timedelta(seconds=timeout_s)),
+                             secret)
+        if rank == 0:
+            client.set(key, message)
+            return message
+        return client.get(key).decode()
+
+    return bounded(exchange, timeout_s,
+                   f"rendezvous of rank {rank} (rank 0's address on the driver's board at "
+                   f"{host}:{port})")

@@ -38,6 +38,9 @@ class TaskSpec:
     tracking_uri: str
     secret: str = field(repr=False)
     """This attempt's rendezvous secret (:mod:`sparkml_dist.comm.sealed_store`); never logged."""
+    board: tuple[str, int] | None = None
+    """The driver's rendezvous board (:class:`~sparkml_dist.spark.rendezvous.DriverBoard`), or
+    None: the ranks meet through ``allGather``."""
 
 
 class _LogTail(logging.Handler):
@@ -130,7 +133,7 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     cfg = spec.config
     _preimport()
     endpoint, store = barrier_rendezvous(ctx, spec.plan.attempt, cfg.backend.rendezvous_timeout_s,
-                                         cfg.backend.timeout_s, spec.secret)
+                                         cfg.backend.timeout_s, spec.secret, spec.board)
     t_feed = time.perf_counter()
     builder = ShardBuilder(spec.plan.in_features, int(cfg.data.shard_memory_mb * 2**20),
                            cfg.data.spill_dir,

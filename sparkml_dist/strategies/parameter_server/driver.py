@@ -9,7 +9,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import time
 from typing import Any
 
@@ -37,14 +36,13 @@ log = logging.getLogger(__name__)
 
 def driver_host(spark: Any) -> str:
     """The address executors reach the driver at (``spark.driver.host``)."""
-    try:
-        host = spark.conf.get("spark.driver.host", None)
-    except Exception:  # noqa: BLE001 - Spark Connect hides it
-        host = None
+    from sparkml_dist.spark.rendezvous import driver_address
+
+    host = driver_address(spark)
     if not host:
         raise ClusterError("strategy.kind=parameter_server starts its servers on the driver and "
                            "needs spark.driver.host (classic Spark; not a Spark Connect client).")
-    return socket.gethostbyname(host)
+    return host
 
 
 def check_before_run(spark: Any, cfg: JobConfig, conf: Any) -> None:
