@@ -243,12 +243,14 @@ class BackendConfig:
     """Bound on every collective; a stuck peer becomes an error naming the rank."""
     rendezvous_timeout_s: float = 120.0
     """Bound on the barrier rendezvous (learning rank 0's store address and connecting to it)."""
-    rendezvous: Literal["auto", "barrier"] = "auto"
-    """How ranks learn rank 0's store address. ``auto``: from a small store the driver opens at
-    ``spark.driver.host`` for the job (executors reach the driver anyway), on classic Spark;
-    through ``BarrierTaskContext.allGather`` under Spark Connect or where the driver cannot
-    open it. ``barrier``: always ``allGather``, which costs about 1 s per launch (Spark's
-    barrier calls wait in whole seconds)."""
+    rendezvous: Literal["auto", "driver", "barrier"] = "auto"
+    """How ranks learn rank 0's store address. ``driver``: from a small sealed store the driver
+    opens at ``spark.driver.host`` for each launch attempt, on a port the OS picks (executors
+    must be able to connect to the driver on any port, as the parameter servers need too).
+    ``barrier``: through ``BarrierTaskContext.allGather``, over Spark's own RPC; Spark's barrier
+    calls wait in whole seconds, so this costs about 1 s a launch. ``auto``: ``driver`` under a
+    local master (``local[N]``, ``local-cluster``: executors on the driver's host), ``barrier``
+    on a cluster and under Spark Connect."""
     fusion_threshold_mb: float = 64.0
     """Horovod tensor fusion buffer (HOROVOD_FUSION_THRESHOLD)."""
     socket_ifname: str | None = None
@@ -266,8 +268,6 @@ class BackendConfig:
                and self.timeout_s > 0 and self.rendezvous_timeout_s > 0,
                "backend.timeout_s and backend.rendezvous_timeout_s must be finite and > 0; got "
                f"{self.timeout_s} and {self.rendezvous_timeout_s}.")
-        _check(self.rendezvous in ("auto", "barrier"),
-               f"backend.rendezvous must be auto or barrier; got {self.rendezvous!r}.")
         _check(math.isfinite(self.fusion_threshold_mb) and self.fusion_threshold_mb >= 0,
                f"backend.fusion_threshold_mb must be finite and >= 0; got "
                f"{self.fusion_threshold_mb}.")

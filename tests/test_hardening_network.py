@@ -16,7 +16,7 @@ from sparkml_dist.comm.sealed_store import SealedStore, new_secret
 from sparkml_dist.config import JobConfig
 from sparkml_dist.driver_checks import check_encryption
 from sparkml_dist.errors import ConfigError, RendezvousError
-from sparkml_dist.spark.rendezvous import DriverBoard, _via_board, host_store
+from sparkml_dist.spark.rendezvous import DriverBoard, _via_board, host_store, open_board
 
 TIMEOUT = datetime.timedelta(seconds=20)
 
@@ -47,6 +47,17 @@ def test_store_listens_on_the_given_address_only():
                           timeout=datetime.timedelta(seconds=2))
 
 
+def test_the_driver_board_is_used_only_where_chosen():
+    # auto: the board under a local master only (a cluster's executors may be firewalled from
+    # the driver's other ports); barrier: never. Neither reads the session.
+    assert open_board(None, "auto", 5.0, "spark://h:7077") is None
+    assert open_board(None, "auto", 5.0, "yarn") is None
+    assert open_board(None, "barrier", 5.0, "local[2]") is None
+    with pytest.raises(ConfigError, match=r"backend\.rendezvous: 'gossip' is not one of 'auto', "
+                                          r"'driver', 'barrier'"):
+        JobConfig().replace(**{"backend.rendezvous": "gossip"})
+
+
 def test_ranks_learn_rank_0s_address_from_the_driver_board_sealed_and_bounded():
     import threading
     import time
@@ -74,6 +85,14 @@ def test_ranks_learn_rank_0s_address_from_the_driver_board_sealed_and_bounded():
             _via_board(board.address, 1, attempt, "", key, 1.5)
         assert time.monotonic() - t0 < 6
     board.close()
+    # A board the rank cannot reach (closed, or a firewalled port) fails within the connect
+    # bound, naming the setting that avoids it.
+    t0 = time.monotonic()
+    with pytest.raises(RendezvousError, match=r"could not connect to the driver's rendezvous "
+                                              r"board at 127\.0\.0\.1:\d+ within 2 s.*"
+                                              r"backend\.rendezvous: barrier"):
+        _via_board(board.address, 1, 3, "", secret, 2.0)
+    assert time.monotonic() - t0 < 10
 
 
 def _rank(rank: int, port: int, secret: str, out: "mp.Queue") -> None:

@@ -44,7 +44,7 @@ SPLIT = "__split"  # 0 = train, 1 = validation
 class _Chunk:
     features: np.ndarray  # (n, width) float32 view into an Arrow buffer
     labels: np.ndarray    # (n,) int64 or float32 view
-    rows: np.ndarray      # (n,) int64 global row numbers (ascending in a store's chunks)
+    rows: np.ndarray      # (n,) int64 global row numbers (any order in a builder's pieces)
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -68,11 +68,13 @@ def _concat(parts: list[np.ndarray], shape_tail: tuple[int, ...], dtype: np.dtyp
 
 
 class ShardStore:
-    """Rows of one split of one shard, in ascending global row order, stored contiguously.
+    """Rows of one split of one shard, stored contiguously and addressed in ascending global row
+    order: positions given to :meth:`gather` and :meth:`physical`, and :meth:`row_ids`, are in
+    row order.
 
     ``order`` (optional): the storage position of each row in row order, when storage is not in
-    row order (a spilled store keeps arrival order); positions given to :meth:`gather` are
-    positions in row order either way.
+    row order (a spilled store keeps arrival order). The attributes ``features``, ``labels`` and
+    ``rows`` are in STORAGE order; map positions with :meth:`physical` before indexing them.
     """
 
     def __init__(self, chunks: list[_Chunk], width: int, spilled_path: str | None = None,

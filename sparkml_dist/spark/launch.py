@@ -155,28 +155,22 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
     ``before_relaunch`` runs before every relaunch (the pre-flight check, which waits for a lost
     executor's replacement to register).
     """
-    spark = prepared.frame.sparkSession
-    board = open_board(spark, cfg.backend.rendezvous, cfg.backend.rendezvous_timeout_s)
-    try:
-        return _attempts(prepared, cfg, run, before_relaunch,
-                         board.address if board is not None else None)
-    finally:
-        if board is not None:
-            board.close()
-
-
-def _attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
-              before_relaunch: Callable[[], None] | None, board: tuple[str, int] | None
-              ) -> list[dict[str, Any]]:
     first = run.attempts_so_far
     last = first + cfg.fault.max_restarts
-    deadline = JobDeadline(prepared.frame.sparkSession, cfg.fault.deadline_s)
+    spark = prepared.frame.sparkSession
+    deadline = JobDeadline(spark, cfg.fault.deadline_s)
+    try:
+        master = spark.conf.get("spark.master", "") or ""
+    except Exception:  # noqa: BLE001 - not exposed on every Connect server
+        master = ""
     for attempt in range(first, last + 1):
         plan = RankPlan(in_features=prepared.in_features, num_outputs=prepared.num_outputs,
                         train_shard_sizes=prepared.train_shard_sizes, layout=prepared.layout,
                         attempt=attempt)
+        board = open_board(spark, cfg.backend.rendezvous, cfg.backend.rendezvous_timeout_s,
+                           master)  # for this attempt only: closed when its stage ends
         spec = TaskSpec(config=cfg, plan=plan, run_id=run.run_id, tracking_uri=run.tracking_uri,
-                        secret=new_secret(), board=board)
+                        secret=new_secret(), board=board.address if board is not None else None)
         run.record_attempt(attempt)
         log.info("launching attempt %d: a barrier stage of %d ranks", attempt,
                  prepared.num_workers)
@@ -187,6 +181,8 @@ def _attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
                                     barrier=True)
                         .collect())
         except Exception as exc:  # noqa: BLE001 - classified below
+            if board is not None:
+                board.close()
             # The job's secrets (a read option quoted by Spark's error) stay out of logs too.
             failure = run.redactor.value(deadline.failure(attempt)
                                          or describe_failure(exc, attempt))
@@ -208,6 +204,8 @@ def _attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
             if before_relaunch is not None:
                 before_relaunch()
             continue
+        if board is not None:
+            board.close()
         results = [r.asDict() for r in rows]
         for r in results:
             r["metrics"] = json.loads(r["metrics"])

@@ -42,7 +42,7 @@ _GROUP = "__group"
 _POS = "__pos"
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType,
             T.DecimalType)
-_EXAMPLES = 5  # example rows read from the stored frame for the logged model's signature
+_EXAMPLES = 5  # example rows for the logged model's signature (the first valid source rows)
 _MAX_CLASS_PARTITIONS = 64  # classes numbered in at most this many partitions (one each below)
 
 
@@ -535,7 +535,9 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
         expected = {(s, sp): size for sp, sizes in ((0, train_sizes), (1, val_sizes))
                     for s, size in enumerate(sizes) if size}
         assert cells == expected, f"shard sizes {cells} differ from the dealt sizes {expected}"
-        examples = [r[0] for r in frame.select(FEATURES).limit(_EXAMPLES).collect()]
+        # The first valid rows of the source (a few rows read, the same every run): the stored
+        # frame's first rows depend on the order its shuffle blocks arrived in.
+        examples = [r[0] for r in assembled.frame.select(FEATURES).limit(_EXAMPLES).collect()]
     except BaseException:
         for df in persisted:
             df.unpersist()

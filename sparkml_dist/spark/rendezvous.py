@@ -2,11 +2,11 @@
 free port of its own executor address (not every interface) and the other ranks learn that
 address in one of two ways (``backend.rendezvous``):
 
-- ``auto`` on classic Spark: rank 0 posts it on the driver's board, a small store the driver
-  opens at ``spark.driver.host`` for the job (:class:`DriverBoard`); the others wait for it
-  there, which returns as soon as it is posted;
-- ``barrier`` (and Spark Connect, where executors may not reach the client): through
-  ``allGather``. Spark's barrier calls poll in whole seconds, so this costs about 1 s a launch.
+- on the driver's board (``driver``; ``auto`` under a local master): rank 0 posts it in a small
+  store the driver opens at ``spark.driver.host`` for the attempt (:class:`DriverBoard`); the
+  others wait for it there, which returns as soon as it is posted;
+- through ``allGather`` (``barrier``; ``auto`` on a cluster and under Spark Connect), over
+  Spark's own RPC. Spark's barrier calls poll in whole seconds: about 1 s a launch.
 
 The store (and the board) are wrapped in a :class:`~sparkml_dist.comm.sealed_store.SealedStore`
 keyed by the attempt's secret, so only the job's ranks can read or write rendezvous keys. Every
@@ -140,26 +140,34 @@ class DriverBoard:
 
 
 def driver_address(spark) -> str | None:
-    """The address executors reach the driver at (``spark.driver.host``, resolved), or None
-    under Spark Connect (the client is not the driver) or where Spark does not say."""
+    """The address executors reach the driver at (``spark.driver.host``, resolved; IPv6 too), or
+    None under Spark Connect (the client is not the driver), where Spark does not say, or where
+    the name does not resolve here (logged)."""
     try:
         spark.sparkContext  # noqa: B018 - raises on Spark Connect
         host = spark.conf.get("spark.driver.host", None)
     except Exception:  # noqa: BLE001 - Spark Connect, or the key is hidden
         return None
-    return socket.gethostbyname(host) if host else None
+    if not host:
+        return None
+    name = host.strip("[]")  # Spark writes IPv6 addresses in brackets
+    try:
+        return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError as exc:
+        log.warning("spark.driver.host=%s does not resolve on the driver: %s", host, exc)
+        return None
 
 
-def open_board(spark, mode: str, timeout_s: float) -> DriverBoard | None:
-    """The job's :class:`DriverBoard` for ``backend.rendezvous=auto`` on classic Spark; None
-    (ranks meet through ``allGather``) for ``barrier``, under Spark Connect, or where the driver
-    cannot listen at its address (logged)."""
-    if mode == "barrier":
+def open_board(spark, mode: str, timeout_s: float, master: str = "") -> DriverBoard | None:
+    """The attempt's :class:`DriverBoard` for ``backend.rendezvous=driver`` (and ``auto`` under
+    a local master); None (ranks meet through ``allGather``) otherwise, under Spark Connect, or
+    where the driver cannot listen at its address (logged)."""
+    if mode == "barrier" or (mode == "auto" and not master.startswith("local")):
         return None
     host = driver_address(spark)
     if host is None:
         log.info("ranks meet through BarrierTaskContext.allGather (no driver address: Spark "
-                 "Connect or spark.driver.host unset)")
+                 "Connect, or spark.driver.host unset or unresolvable)")
         return None
     try:
         board = DriverBoard(host, timeout_s)
@@ -172,6 +180,10 @@ def open_board(spark, mode: str, timeout_s: float) -> DriverBoard | None:
     return board
 
 
+BOARD_CONNECT_S = 15.0
+"""Bound on a rank's connection to the driver's board (an unreachable port fails fast)."""
+
+
 def _via_board(board: tuple[str, int], rank: int, attempt: int, message: str, secret: str,
                timeout_s: float) -> str:
     """Rank 0 posts ``message`` on the driver's board; the others wait (bounded) for it."""
@@ -179,11 +191,21 @@ def _via_board(board: tuple[str, int], rank: int, attempt: int, message: str, se
 
     host, port = board
     key = _BOARD_KEY.format(attempt=attempt)
+    connect_s = min(BOARD_CONNECT_S, timeout_s)
+    try:
+        raw = bounded(lambda: dist.TCPStore(host, port, None, is_master=False,
+                                            timeout=datetime.timedelta(seconds=connect_s)),
+                      connect_s + 5.0, f"rank {rank} connecting to the driver's board")
+    except Exception as exc:  # noqa: BLE001 - re-raised with what to do
+        raise RendezvousError(
+            f"rank {rank} could not connect to the driver's rendezvous board at {host}:{port} "
+            f"within {connect_s:.0f} s ({type(exc).__name__}: {exc}). Executors must be able to "
+            "open connections to the driver on any port for backend.rendezvous=driver; allow "
+            "that, or set backend.rendezvous: barrier.") from None
+    raw.set_timeout(datetime.timedelta(seconds=timeout_s))
+    client = SealedStore(raw, secret)
 
     def exchange() -> str:
-        client = SealedStore(dist.TCPStore(host, port, None, is_master=False,
-                                           timeout=datetime.timedelta(seconds=timeout_s)),
-                             secret)
         if rank == 0:
             client.set(key, message)
             return message
