@@ -7,6 +7,7 @@ deterministic user error stops after the first attempt.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from sparkml_dist.comm.sealed_store import new_secret
 from sparkml_dist.config import JobConfig
 from sparkml_dist.errors import USER_ERROR_MARKER, TrainingFailed, UserCodeError
-from sparkml_dist.spark.prepare import PreparedData
+from sparkml_dist.spark.prepare import PreparedData, _spark_conf
 from sparkml_dist.spark.rendezvous import open_board
 from sparkml_dist.spark.task import RESULT_SCHEMA, TaskSpec, run_barrier_task
 from sparkml_dist.tracking.redact import redact_uri
@@ -159,10 +160,7 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
     last = first + cfg.fault.max_restarts
     spark = prepared.frame.sparkSession
     deadline = JobDeadline(spark, cfg.fault.deadline_s)
-    try:
-        master = spark.conf.get("spark.master", "") or ""
-    except Exception:  # noqa: BLE001 - not exposed on every Connect server
-        master = ""
+    master = _spark_conf(spark, "spark.master") or ""
     for attempt in range(first, last + 1):
         plan = RankPlan(in_features=prepared.in_features, num_outputs=prepared.num_outputs,
                         train_shard_sizes=prepared.train_shard_sizes, layout=prepared.layout,
@@ -175,14 +173,12 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
         log.info("launching attempt %d: a barrier stage of %d ranks", attempt,
                  prepared.num_workers)
         try:
-            with deadline:
+            with deadline, board or contextlib.nullcontext():
                 rows = (prepared.frame
                         .mapInArrow(functools.partial(run_barrier_task, spec), RESULT_SCHEMA,
                                     barrier=True)
                         .collect())
         except Exception as exc:  # noqa: BLE001 - classified below
-            if board is not None:
-                board.close()
             # The job's secrets (a read option quoted by Spark's error) stay out of logs too.
             failure = run.redactor.value(deadline.failure(attempt)
                                          or describe_failure(exc, attempt))
@@ -204,8 +200,6 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
             if before_relaunch is not None:
                 before_relaunch()
             continue
-        if board is not None:
-            board.close()
         results = [r.asDict() for r in rows]
         for r in results:
             r["metrics"] = json.loads(r["metrics"])

@@ -126,10 +126,10 @@ _BOARD_KEY = "rank0-store/attempt-{attempt}"
 
 
 class DriverBoard:
-    """The driver's board for one job: a ``TCPStore`` at the address executors reach the driver
-    at, where rank 0 of each attempt posts its own store's address. Keys and values are sealed
-    with the attempt's secret, so a client without it can neither read nor forge an address.
-    :meth:`close` stops it (the ranks only use it to meet)."""
+    """The driver's board for one launch attempt: a ``TCPStore`` at the address executors reach
+    the driver at, where the attempt's rank 0 posts its own store's address. Keys and values are
+    sealed with the attempt's secret, so a client without it can neither read nor forge an
+    address. :meth:`close` (or leaving a ``with`` block) stops it."""
 
     def __init__(self, host: str, timeout_s: float) -> None:
         self._store: object | None = host_store(host, None, timeout_s)
@@ -137,6 +137,12 @@ class DriverBoard:
 
     def close(self) -> None:
         self._store = None  # the server stops with its last reference
+
+    def __enter__(self) -> DriverBoard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def driver_address(spark) -> str | None:
@@ -162,7 +168,9 @@ def open_board(spark, mode: str, timeout_s: float, master: str = "") -> DriverBo
     """The attempt's :class:`DriverBoard` for ``backend.rendezvous=driver`` (and ``auto`` under
     a local master); None (ranks meet through ``allGather``) otherwise, under Spark Connect, or
     where the driver cannot listen at its address (logged)."""
-    if mode == "barrier" or (mode == "auto" and not master.startswith("local")):
+    from sparkml_dist.spark.preflight import _master_is_local
+
+    if mode == "barrier" or (mode == "auto" and not _master_is_local(master)):
         return None
     host = driver_address(spark)
     if host is None:
