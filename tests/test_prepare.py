@@ -80,6 +80,29 @@ def test_preparation_is_deterministic_across_recomputation(spark, imbalanced):
     assert key(a.frame.select(*cols).collect()) == key(b.frame.select(*cols).collect())
 
 
+@pytest.mark.parametrize("split, sharding", [("stratified", "stratified"), ("random", "random")])
+def test_spark_40_hash_partitioning_places_rows_as_repartition_by_id(spark, imbalanced,
+                                                                     monkeypatch, split,
+                                                                     sharding):
+    # On Spark 4.0 (no repartitionById) rows reach their partitions through hash-aligned keys:
+    # the same rows, numbers and partitions.
+    import sparkml_dist.spark.prepare as prep
+
+    cfg = DataConfig(feature_cols=("x1", "x2"), label_col="y", split=split, sharding=sharding,
+                     random_buckets=7)
+    cols = [F.spark_partition_id().alias("p"), FEATURES, LABEL, ROW, SHARD, SPLIT]
+    assert prep._by_partition_id(spark)  # the installed Spark has it
+    by_id = prepare(spark, imbalanced, cfg, N, seed=3)
+    monkeypatch.setattr(prep, "_by_partition_id", lambda spark: False)
+    hashed = prepare(spark, imbalanced, cfg, N, seed=3)
+    key = lambda p: sorted((r["p"], tuple(r[FEATURES]), r[LABEL], r[ROW], r[SHARD], r[SPLIT])  # noqa: E731
+                           for r in p.frame.select(*cols).collect())
+    assert key(by_id) == key(hashed)
+    assert all(r[0] == r[4] for r in key(hashed))  # partition r holds rank r's shard
+    by_id.release()
+    hashed.release()
+
+
 @pytest.fixture(scope="module")
 def small(spark):
     return spark.createDataFrame(

@@ -342,6 +342,28 @@ def assemble(spark: SparkSession, df: DataFrame, cfg: DataConfig, *,
                      dropped_rows=bad, class_counts=class_counts, categories=categories)
 
 
+def _by_partition_id(spark: SparkSession) -> bool:
+    """Whether Spark places rows by a partition id column (``repartitionById``, Spark 4.1+; under
+    Spark Connect the server's version counts)."""
+    try:
+        major, minor = (int(x) for x in spark.version.split(".")[:2])
+    except (ValueError, AttributeError):
+        return False
+    return hasattr(DataFrame, "repartitionById") and (major, minor) >= (4, 1)
+
+
+def _place(spark: SparkSession, df: DataFrame, num_partitions: int, target: dict[Any, int],
+           key: Column) -> DataFrame:
+    """``df`` shuffled into ``num_partitions`` partitions, a row with ``key == k`` into partition
+    ``target[k]``. With ``repartitionById`` no job runs to plan it; on Spark 4.0 rows are hash
+    partitioned on keys chosen so that each hashes to its partition
+    (:func:`_hash_aligned_keys`)."""
+    if _by_partition_id(spark):
+        return df.repartitionById(num_partitions, _lookup(target, key).cast("int"))
+    keys = _hash_aligned_keys(spark, num_partitions)
+    return df.repartition(num_partitions, _lookup({k: keys[p] for k, p in target.items()}, key))
+
+
 def _hash_aligned_keys(spark: SparkSession, num_partitions: int) -> list[int]:
     """Integer keys k_r with ``pmod(hash(k_r), n) == r``: ``repartition(n, key)`` puts key k_r in
     partition r, because Spark's hash partitioning uses the same Murmur3 hash."""
@@ -404,7 +426,7 @@ def _class_positions(spark: SparkSession, base: DataFrame, counts: dict[int, int
     order, the same numbers as ``row_number`` over a window partitioned by class.
 
     Without the window (which buffers each class's whole group before numbering): classes are
-    dealt to hash-aligned partitions (largest first onto the lightest), each partition is sorted
+    dealt to partitions (largest first onto the lightest), each partition is sorted
     by (class, hash, features), and a row's position is its index in the sorted partition (the
     low 33 bits of ``monotonically_increasing_id``) minus the rows of the classes sorted before
     it there, known from the class counts. Rows that tie on the sort key are equal as Spark
@@ -423,11 +445,9 @@ def _class_positions(spark: SparkSession, base: DataFrame, counts: dict[int, int
     start, filled = {}, [0] * parts
     for k in labels:
         start[k], filled[part_of[k]] = filled[part_of[k]], filled[part_of[k]] + counts[k]
-    keys = _hash_aligned_keys(spark, parts)
     label = F.col(LABEL)
     order = [_HASH, FEATURES] if parts == len(labels) else [LABEL, _HASH, FEATURES]
-    ordered = (base.repartition(parts, _lookup({k: keys[p] for k, p in part_of.items()}, label))
-               .sortWithinPartitions(*order))
+    ordered = _place(spark, base, parts, part_of, label).sortWithinPartitions(*order)
     index = F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
     return ordered.withColumn(_POS, index - _lookup(start, label))
 
@@ -518,16 +538,15 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
                    else f"{num_shards} shards: every shard")
             raise DataError(f"{train_n} training rows for {who} needs at least one row. Lower "
                             "training.num_workers or data.val_fraction, or add data.")
-        keys = _hash_aligned_keys(spark, world)
-        rank_key = {s: keys[layout.rank_of_shard(s)] for s in range(num_shards)}
+        rank_of = {s: layout.rank_of_shard(s) for s in range(num_shards)}
         # Shard and partition key are functions of the row number: computed where needed, not
         # carried through the shuffle and the sort.
         shard = (F.col(ROW) % num_shards).cast("int")
         # No sort within partitions: each rank's shard store puts its rows in row order, which
         # costs less there (mostly ascending runs, one copy) than a sort of every row in Spark.
-        frame = (numbered.select(FEATURES, LABEL, F.col(ROW).cast("long").alias(ROW), SPLIT)
-                 .repartition(world, _lookup(rank_key, shard))
-                 .select(FEATURES, LABEL, ROW, shard.alias(SHARD), SPLIT))
+        rows = numbered.select(FEATURES, LABEL, F.col(ROW).cast("long").alias(ROW), SPLIT)
+        frame = _place(spark, rows, world, rank_of, shard).select(FEATURES, LABEL, ROW,
+                                                                  shard.alias(SHARD), SPLIT)
         frame = _persist(frame)
         persisted.insert(0, frame)
         train_sizes, val_sizes = _deal(train_n, num_shards), _deal(val_n, num_shards)

@@ -10,6 +10,7 @@ it promises.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +52,11 @@ class Strategy(ABC):
     """``strategy.kind`` value."""
     resume_guarantee: ClassVar[str]
     """``bitwise`` or a sentence stating the weaker promise; logged as a run tag."""
+    own_loop: ClassVar[Callable[..., tuple[dict[str, float], int]] | None] = None
+    """A loop run in place of the shared barrier loop, with the shared loop's arguments (see
+    :func:`sparkml_dist.training.loop.train_rank`), returning ``(last metrics, steps done)``;
+    None (the default) for the shared loop. Asynchronous push-sum sets it: its ranks do not step
+    together."""
 
     @classmethod
     def requirements(cls, cfg: JobConfig) -> dict[Capability, str]:

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from sparkml_dist.training.checkpoint import (
     DEFAULT_UPLOAD_TIMEOUT_S, META_FILE, SHARED_PART, STALE_INCOMPLETE_S, CheckpointMeta, dir_name,
     latest_loadable, prune_choice, store_part)
+from sparkml_dist.waits import join_within
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,10 @@ class MlflowSink:
                     break
             metrics = [m for report in reports for m in report]
             try:
-                for i in range(0, len(metrics) if self._error is None else 0,
-                               _MAX_METRICS_PER_CALL):
-                    self.client.log_batch(self.run_id,
-                                          metrics=metrics[i:i + _MAX_METRICS_PER_CALL])
+                if self._error is None:  # after a failed write, reports are only acknowledged
+                    for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
+                        self.client.log_batch(self.run_id,
+                                              metrics=metrics[i:i + _MAX_METRICS_PER_CALL])
             except BaseException as exc:  # noqa: BLE001 - surfaced by the next call
                 self._error = exc
             finally:
@@ -91,15 +92,9 @@ class MlflowSink:
         """Write what is queued now and wait for it, at most ``timeout_s`` (a TimeoutError
         past that: the tracking store does not answer)."""
         self._now.set()
-        done = self._queue.all_tasks_done
-        deadline = time.monotonic() + timeout_s
-        with done:
-            while self._queue.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"rank 0's metrics were not stored in MLflow within "
-                                       f"{timeout_s:g} s; the tracking store does not answer")
-                done.wait(left)
+        if join_within(self._queue, timeout_s):
+            raise TimeoutError(f"rank 0's metrics were not stored in MLflow within "
+                               f"{timeout_s:g} s; the tracking store does not answer")
         if self._error is not None:
             raise RuntimeError(f"logging metrics to MLflow failed: {self._error}") from self._error
 

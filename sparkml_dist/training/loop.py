@@ -120,6 +120,30 @@ def evaluate(model: nn.Module, data: ShardStore, comm: Communicator, task: str,
     return {"val/loss": float(sums[0]) / n, "val/rmse": (float(sums[0]) / n) ** 0.5}
 
 
+def validate(module: nn.Module, val: ShardStore, comm: Communicator, cfg: JobConfig,
+             device: torch.device, sink: MetricSink, epoch: int, done: int) -> dict[str, float]:
+    """The end of epoch ``epoch``'s validation metrics (:func:`evaluate`, tagged with the
+    1-based epoch); rank 0 logs them at step ``done``."""
+    metrics = evaluate(module, val, comm, cfg.data.task, cfg.training.batch_size * 4, device)
+    metrics["epoch"] = float(epoch + 1)
+    if comm.rank == 0:
+        sink.log_metrics(metrics, done)
+    return metrics
+
+
+def save_with_metrics(store: CheckpointStore, comm: Communicator, strategy: Strategy,
+                      fields: dict[str, Any], fingerprint: dict[str, Any],
+                      uploads: BackgroundUploads | None, sink: MetricSink) -> None:
+    """:func:`save`, then (rank 0) ``checkpoint/write_s`` and ``checkpoint/size_mb`` logged at
+    the checkpoint's step."""
+    t0 = time.perf_counter()
+    meta = save(store, comm, strategy, fields, fingerprint, uploads)
+    if meta is not None:
+        size = sum(p["size_bytes"] for p in meta.parts.values())
+        sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t0,
+                          "checkpoint/size_mb": size / 2**20}, fields["steps_done"])
+
+
 class _DataOrder:
     """Rows of each global step's batch: the epoch's permutation (computed once per epoch).
     A rank that reads no shard (its strategy feeds it from its peers) gets empty batches."""
@@ -265,7 +289,7 @@ def train_rank(cfg: JobConfig, plan: RankPlan, comm: Communicator, train: ShardS
         getattr(checkpoints, "upload_timeout_s", DEFAULT_UPLOAD_TIMEOUT_S))
     strategy.start()
     try:
-        run = getattr(strategy, "own_loop", None) or _run_steps  # async gossip has its own
+        run = strategy.own_loop or _run_steps
         metrics, end = run(cfg, plan, comm, strategy, train, val, device, sink,
                            checkpoints, fingerprint, start, steps, (end, total), stopper,
                            uploads)
@@ -383,11 +407,8 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
         stop = False
         if end_of_epoch and cfg.data.val_fraction > 0:
             module = strategy.eval_module()
-            val_metrics = evaluate(module, val, comm, cfg.data.task, tc.batch_size * 4, device)
-            val_metrics["epoch"] = float(epoch + 1)
+            val_metrics = validate(module, val, comm, cfg, device, sink, epoch, done)
             metrics.update(val_metrics)
-            if rank == 0:
-                sink.log_metrics(val_metrics, done)
             if stopper is not None:
                 stop = _early_stop(cfg, stopper, comm, checkpoints, module, val_metrics, epoch,
                                    done, fingerprint, uploads)
@@ -395,16 +416,11 @@ def _run_steps(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: Str
         if checkpoints is not None and (end_of_epoch or (every and done % every == 0)):
             if loss_n:  # steps since the last window: never checkpoint a non-finite model
                 check_finite_loss(comm.all_reduce(torch.stack([loss_acc.cpu()]), "sum")[0], done)
-            t0 = time.perf_counter()
-            meta = save(checkpoints, comm, strategy,
-                        {"steps_done": done, "epoch": epoch, "step_in_epoch": s + 1,
-                         "final": done == total or stop,
-                         "early_stopping": stopper.state.to_dict() if stopper else {}},
-                        fingerprint, uploads)
-            if meta is not None:
-                size = sum(p["size_bytes"] for p in meta.parts.values())
-                sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t0,
-                                  "checkpoint/size_mb": size / 2**20}, done)
+            save_with_metrics(checkpoints, comm, strategy,
+                              {"steps_done": done, "epoch": epoch, "step_in_epoch": s + 1,
+                               "final": done == total or stop,
+                               "early_stopping": stopper.state.to_dict() if stopper else {}},
+                              fingerprint, uploads, sink)
         if stop:
             if rank == 0:
                 sink.log_metrics({"early_stopping/stopped_epoch": float(epoch + 1)}, done)

@@ -52,7 +52,7 @@ def _epoch(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: AsyncPu
            train: ShardStore, val: ShardStore, device: torch.device, sink: MetricSink,
            checkpoints: CheckpointStore | None, fingerprint: dict[str, Any], epoch: int,
            steps: int, uploads: BackgroundUploads | None) -> dict[str, float]:
-    from sparkml_dist.training.loop import check_finite_loss, evaluate, save
+    from sparkml_dist.training.loop import check_finite_loss, save_with_metrics, validate
 
     tc = cfg.training
     rank = comm.rank
@@ -73,22 +73,12 @@ def _epoch(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: AsyncPu
         sink.log_metrics(metrics, done)
     strategy.end_epoch(epoch + 1)
     if cfg.data.val_fraction > 0:
-        val_metrics = evaluate(strategy.eval_module(), val, comm, cfg.data.task,
-                               tc.batch_size * 4, device)
-        val_metrics["epoch"] = float(epoch + 1)
-        metrics.update(val_metrics)
-        if rank == 0:
-            sink.log_metrics(val_metrics, done)
+        metrics.update(validate(strategy.eval_module(), val, comm, cfg, device, sink, epoch, done))
     if checkpoints is not None:
-        t1 = time.perf_counter()
-        meta = save(checkpoints, comm, strategy,
-                    {"steps_done": done, "epoch": epoch, "step_in_epoch": steps,
-                     "final": done == steps * tc.epochs, "early_stopping": {}},
-                    fingerprint, uploads)
-        if meta is not None:
-            size = sum(p["size_bytes"] for p in meta.parts.values())
-            sink.log_metrics({"checkpoint/write_s": time.perf_counter() - t1,
-                              "checkpoint/size_mb": size / 2**20}, done)
+        save_with_metrics(checkpoints, comm, strategy,
+                          {"steps_done": done, "epoch": epoch, "step_in_epoch": steps,
+                           "final": done == steps * tc.epochs, "early_stopping": {}},
+                          fingerprint, uploads, sink)
     log.info("rank %d: epoch %d done after %d local steps (%.1f steps/s), job %d samples",
              rank, epoch + 1, n_steps, n_steps / max(train_s, 1e-9), samples)
     return metrics

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sparkml_dist.strategies.parameter_server import wire
+from sparkml_dist.waits import join_within
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +236,10 @@ class Outbox:
 
     def flush(self) -> None:
         """Wait (at most ``timeout_s``) until every queued message is written."""
-        deadline = time.monotonic() + self.timeout_s
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if self._queue.unfinished_tasks:
-            raise TimeoutError(f"rank {self.rank}: {self._queue.unfinished_tasks} message(s) "
-                               f"still unsent after backend.timeout_s={self.timeout_s:g} s")
+        unsent = join_within(self._queue, self.timeout_s)
+        if unsent:
+            raise TimeoutError(f"rank {self.rank}: {unsent} message(s) still unsent after "
+                               f"backend.timeout_s={self.timeout_s:g} s")
         self._raise()
 
     def close(self) -> None:

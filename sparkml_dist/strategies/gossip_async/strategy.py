@@ -41,9 +41,7 @@ class AsyncPushSum(Gossip):
     """``strategy.kind: gossip`` with ``strategy.algorithm: async_push_sum``."""
 
     resume_guarantee: ClassVar[str] = RESUME_GUARANTEE
-    own_loop = staticmethod(run_async)
-    """The training loop :func:`sparkml_dist.training.loop.train_rank` runs for this strategy
-    instead of the shared barrier loop."""
+    own_loop = staticmethod(run_async)  # type: ignore[assignment]  # see Strategy.own_loop
 
     def __init__(self, ctx: RankContext) -> None:
         super().__init__(ctx)
