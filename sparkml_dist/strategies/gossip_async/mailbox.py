@@ -163,10 +163,8 @@ class Inbox:
     def lost_peers(self, wait_s: float = 2.0) -> list[int]:
         """The peers whose connection closed, waiting up to ``wait_s`` for one (a collective
         can fail on a lost peer a moment before its connection here reports it)."""
-        deadline = time.monotonic() + wait_s
-        with self._lock:
-            while not self.lost and time.monotonic() < deadline:
-                self._lock.wait(0.05)
+        with self._lock:  # every addition to ``lost`` notifies
+            self._lock.wait_for(lambda: self.lost, timeout=wait_s)
             return sorted(self.lost)
 
     def close(self) -> None:
