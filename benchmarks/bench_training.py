@@ -3,9 +3,14 @@ launched by PySpark's ``TorchDistributor`` (local mode) and by ``torchrun``.
 
     python benchmarks/bench_training.py [--rows 40960 --epochs 5 --batch-size 64 --reps 5]
 
-The three launchers run alternately after one discarded warm-up round, in an order that rotates
-each round (a b c, b c a, c a b, ...), so none always runs first or after the same one; each
-figure is the median over repetitions and each ratio the median of per-round ratios.
+The peers' loop uses torch's default Adam, as a user's loop would; ``fit`` uses torch's fused
+Adam kernel (``optimizer.fused``, its default). A fourth runner, ``torchrun_fused_adam``, runs
+the peer loop with the fused kernel too, so the ratio against it shows what ``fit`` costs beyond
+the kernel choice.
+
+The runners take turns after one discarded warm-up round, in an order that rotates each round
+(a b c d, b c d a, ...), so none always runs first or after the same one; each figure is the
+median over repetitions and each ratio the median of per-round ratios.
 
 Definitions (all wall clock, rank 0):
 - samples/s (steady state): samples of epochs 2..E over the time those epochs took (the first
@@ -120,7 +125,7 @@ def run_distributor(npz: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_torchrun(npz: Path, args: argparse.Namespace, tmp: Path, extras: tuple[str, ...] = (),
-                 tracking_uri: str | None = None) -> dict[str, Any]:
+                 tracking_uri: str | None = None, fused: bool = False) -> dict[str, Any]:
     out = tmp / "torchrun_result.json"
     out.unlink(missing_ok=True)
     exe = Path(sys.executable).with_name("torchrun")
@@ -128,6 +133,8 @@ def run_torchrun(npz: Path, args: argparse.Namespace, tmp: Path, extras: tuple[s
     cmd = [*launcher, "--standalone", "--nproc_per_node", "2", str(BENCH_DIR / "ddp_loop.py"),
            "--data", str(npz), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--hidden", *map(str, args.hidden), "--out", str(out)]
+    if fused:
+        cmd.append("--fused")
     if extras:
         cmd += ["--extras", *extras, "--tracking-uri", tracking_uri or f"sqlite:///{tmp}/ddp.db"]
     for attempt in range(2):  # retry once, counted in the result (none seen since ddp_loop
@@ -165,12 +172,13 @@ def main() -> None:
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         runners = {"sparkml_dist": lambda: run_fit(df, uri, args),
                    "torch_distributor": lambda: run_distributor(npz, args),
-                   "torchrun": lambda: run_torchrun(npz, args, tmp)}
+                   "torchrun": lambda: run_torchrun(npz, args, tmp),
+                   "torchrun_fused_adam": lambda: run_torchrun(npz, args, tmp, fused=True)}
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in runners}
         names = list(runners)
         for rep in range(args.reps + 1):  # round 0 warms up the JVM, MLflow store and caches
             # The order rotates each round, so no runner always follows the same one.
-            for name in names[rep % 3:] + names[:rep % 3]:
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
                 r = runners[name]()
                 print(f"round {rep} {name}: {r['samples_per_s']:,.0f} samples/s, first step after "
                       f"{r['launch_to_first_step_s']:.1f}s, total {r['total_s']:.1f}s", flush=True)
@@ -181,7 +189,9 @@ def main() -> None:
             "config": {"rows": args.rows, "epochs": args.epochs, "batch_size_per_rank":
                        args.batch_size, "hidden": args.hidden, "ranks": 2, "reps": args.reps,
                        "model": "sparkml_dist.models:mlp", "optimizer": "adam lr=1e-3",
-                       "fit_overrides": {"data.val_fraction": 0.0, "checkpoint.enabled": False}},
+                       "fit_overrides": {"data.val_fraction": 0.0, "checkpoint.enabled": False},
+                       "fit_optimizer_fused": True, "peer_optimizer": "torch default Adam "
+                       "(torchrun_fused_adam: fused=True)"},
             "samples_per_s": {k: summary(v) for k, v in rates.items()},
             "fit_metric_samples_per_s": summary(
                 [r["fit_metric_samples_per_s"] for r in results["sparkml_dist"]]),
@@ -194,6 +204,9 @@ def main() -> None:
                 "sparkml_dist/torch_distributor": paired_ratios(rates["sparkml_dist"],
                                                                 rates["torch_distributor"]),
                 "sparkml_dist/torchrun": paired_ratios(rates["sparkml_dist"], rates["torchrun"]),
+                # the same loop with the fused Adam kernel fit uses: the gap left without it
+                "sparkml_dist/torchrun_fused_adam": paired_ratios(
+                    rates["sparkml_dist"], rates["torchrun_fused_adam"]),
             },
             "runs": results,
         }

@@ -16,6 +16,9 @@ back every step. It has no metric logging, validation or checkpoints.
 - ``mlflow``: every 10 steps a loss allreduce and, on rank 0, 9 metrics into an MLflow run
   through ``MlflowSink`` (the store at ``tracking_uri``).
 
+``fused`` builds Adam with torch's fused kernel (``fused=True``), as ``fit`` does by default
+(``optimizer.fused``); without it the loop uses torch's default Adam, as a user's loop would.
+
 As a script (under ``torchrun``) rank 0 writes the result as JSON to ``--out``.
 """
 
@@ -101,8 +104,8 @@ class _Extras:
 
 
 def train(data_path: str, epochs: int, batch_size: int, hidden: list[int], lr: float = 1e-3,
-          seed: int = 0, extras: tuple[str, ...] = (), tracking_uri: str | None = None
-          ) -> dict[str, Any]:
+          seed: int = 0, extras: tuple[str, ...] = (), tracking_uri: str | None = None,
+          fused: bool = False) -> dict[str, Any]:
     """Train on the ``x``/``y`` arrays of an ``.npz`` file; return rank 0's timings."""
     import numpy as np
     import torch
@@ -120,7 +123,7 @@ def train(data_path: str, epochs: int, batch_size: int, hidden: list[int], lr: f
         classes = int(d["y"].max()) + 1
     torch.manual_seed(seed)
     model = DDP(mlp(x.shape[1], classes, hidden=hidden))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, **({"fused": True} if fused else {}))
     loss_fn = nn.CrossEntropyLoss()
     extra = _Extras(tuple(extras), model, x, y, rank, seed, tracking_uri)
     steps = math.ceil(len(x) / batch_size)
@@ -170,10 +173,11 @@ def main() -> None:
     p.add_argument("--hidden", type=int, nargs="+", required=True)
     p.add_argument("--extras", nargs="*", default=[], choices=EXTRAS)
     p.add_argument("--tracking-uri")
+    p.add_argument("--fused", action="store_true", help="Adam with torch's fused kernel")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     result = train(a.data, a.epochs, a.batch_size, a.hidden, extras=tuple(a.extras),
-                   tracking_uri=a.tracking_uri)
+                   tracking_uri=a.tracking_uri, fused=a.fused)
     if int(os.environ["RANK"]) == 0:
         with open(a.out, "w") as f:
             json.dump(result, f)

@@ -10,15 +10,28 @@ import torch
 from sparkml_dist.config import OptimizerConfig
 
 
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fusable(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused optimizer kernels take these parameters: dense floating-point
+    tensors on CPU or CUDA."""
+    return bool(params) and all(p.is_floating_point() and not p.is_sparse
+                                and p.device.type in _FUSED_DEVICES for p in params)
+
+
 def make_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]
                    ) -> torch.optim.Optimizer:
-    """The configured ``torch.optim`` optimizer."""
+    """The configured ``torch.optim`` optimizer; its fused implementation when
+    ``optimizer.fused`` is set and the parameters allow it (:func:`fusable`)."""
+    params = list(params)
+    kw: dict[str, object] = {"fused": True} if cfg.fused and fusable(params) else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **kw)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
 def lr_factor(cfg: OptimizerConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
