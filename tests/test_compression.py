@@ -127,8 +127,12 @@ def test_killed_rank_resumes_bitwise_for_every_compressor(data, tmp_path, compre
 
 
 def test_auto_keeps_loopback_uncompressed(data, tmp_path):
-    """On loopback a sparsifying compressor costs more than it saves: auto must not use it."""
-    cfg = job(2, "auto", epochs=1, **{"strategy.compression.auto_candidate": "topk"})
+    """On loopback a sparsifying compressor costs more than it saves: auto must not use it.
+    The model is large enough (about 85k gradient values) that the link's bandwidth, not its
+    latency, sets the allreduce's time: for a few thousand values both collectives cost about
+    one round trip, and on a loaded machine either may measure faster."""
+    cfg = job(2, "auto", epochs=1, **{"strategy.compression.auto_candidate": "topk",
+                                      "model.kwargs": {"hidden": [256, 256]}})
     _ok(run_ranks(cfg, data, str(tmp_path)))
     from sparkml_dist.training.checkpoint import SHARED_PART, load_part
     from sparkml_dist.training.local_store import DirectoryCheckpointStore

@@ -53,6 +53,13 @@ def test_parameters_the_fused_kernels_cannot_take_use_the_loop():
     assert not fusable(ints) and not fusable([])
     meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
     assert not fusable(meta)
+
+    class Sub(torch.Tensor):  # a tensor subclass, as tensor parallelism's DTensor is
+        pass
+
+    sub = [torch.nn.Parameter(torch.Tensor._make_subclass(Sub, torch.zeros(3)))]
+    assert type(sub[0]) is Sub and not fusable(sub)
+    assert fusable([torch.nn.Parameter(torch.zeros(3))])
     opt = make_optimizer(OptimizerConfig(name="adam"), meta)
     assert not opt.param_groups[0]["fused"]
 

@@ -14,10 +14,12 @@ _FUSED_DEVICES = ("cpu", "cuda")
 
 
 def fusable(params: list[torch.nn.Parameter]) -> bool:
-    """Whether torch's fused optimizer kernels take these parameters: dense floating-point
-    tensors on CPU or CUDA."""
-    return bool(params) and all(p.is_floating_point() and not p.is_sparse
-                                and p.device.type in _FUSED_DEVICES for p in params)
+    """Whether torch's fused optimizer kernels take these parameters: plain (not a tensor
+    subclass such as tensor parallelism's ``DTensor``, which the fused kernel refuses beside
+    the optimizer's plain state tensors), dense, floating-point, on CPU or CUDA."""
+    return bool(params) and all(
+        type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()
+        and not p.is_sparse and p.device.type in _FUSED_DEVICES for p in params)
 
 
 def make_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]
