@@ -156,8 +156,9 @@ class OptimizerConfig:
     fused: bool = True
     """Use torch's fused kernel for the optimizer step (one kernel over all parameters instead
     of a Python loop of small ops per parameter; about half the optimizer's time on CPU) where
-    the parameters allow it (floating point, dense, on CPU or CUDA). Its results differ from
-    the loop's by rounding only; set False for torch's default implementation."""
+    the parameters allow it (plain dense floating-point tensors on CPU or CUDA; tensor
+    parallelism's ``DTensor`` parameters keep the loop). Its results differ from the loop's by
+    rounding only; set False for torch's default implementation."""
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.lr) and self.lr > 0,
