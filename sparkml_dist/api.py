@@ -144,7 +144,8 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
         t_finish = time.perf_counter()
         model_uri = None
         if cfg.tracking.log_model:
-            model_uri = _log_final_model(cfg, prepared, run, preprocessing)
+            model_uri = _log_final_model(cfg, prepared, run, preprocessing,
+                                         steps_done=results[0]["steps_done"])
         run.log_training_curves()
         _log_phase_times(run, prepared, prepare_s, time.perf_counter() - t_finish)
     except BaseException as exc:
@@ -229,11 +230,25 @@ def check_resume(run: Any, cfg: JobConfig, layout: Any) -> None:
                       job_fingerprint(cfg, layout))
 
 
-def final_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
-    """The model ``state_dict`` of a run's latest complete checkpoint."""
-    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
+def final_state(run_id: str, tracking_uri: str, steps_done: int | None = None
+                ) -> dict[str, Any]:
+    """The model ``state_dict`` of a run's latest complete checkpoint.
 
-    loaded = MlflowCheckpointStore(tracking_uri, run_id).load_latest()
+    ``steps_done``: the step count the ranks reported at the end, whose checkpoint is the last;
+    it is read by name, without listing the run's artifacts. Where it does not load, the newest
+    loadable checkpoint is used, as without it."""
+    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
+    from sparkml_dist.training.checkpoint import SHARED_PART, dir_name, load_part
+
+    store = MlflowCheckpointStore(tracking_uri, run_id)
+    if steps_done is not None:
+        name = dir_name(steps_done)
+        try:
+            return load_part(store, name, store.read_meta(name), SHARED_PART)["model"]
+        except Exception as exc:  # noqa: BLE001 - the listing below finds what there is
+            log.info("checkpoint %s of the last step did not load (%s: %s); using the newest "
+                     "loadable one", name, type(exc).__name__, exc)
+    loaded = store.load_latest()
     if loaded is None:
         raise ConfigError(f"run {run_id} has no complete checkpoint.")
     return loaded[0]["model"]
@@ -276,7 +291,8 @@ def _preprocess(prepared: Any, cfg: JobConfig) -> tuple[Any, Any]:
     return prepared, Preprocessing(fill=fill, scaling=scaling, one_hot=one_hot)
 
 
-def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, preprocessing: Any = None) -> str:
+def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, preprocessing: Any = None, *,
+                     steps_done: int | None = None) -> str:
     from sparkml_dist.models import build_model
 
     model = build_model(cfg.model.factory, prepared.in_features, prepared.num_outputs,
@@ -285,7 +301,7 @@ def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, preprocessing: Any
     if es is not None and es.keep_best:
         model.load_state_dict(best_state(run.run_id, run.tracking_uri))
     else:
-        model.load_state_dict(final_state(run.run_id, run.tracking_uri))
+        model.load_state_dict(final_state(run.run_id, run.tracking_uri, steps_done))
     # Rows collected by preparation's first pass: nothing here reads the data again.
     example = np.asarray(prepared.example_features, dtype=np.float32)
     metadata = None

@@ -229,3 +229,41 @@ def test_the_best_model_is_stored_in_the_background_too(tmp_path):
     best = tmp_path / BEST_NAME
     assert (best / SHARED_PART).exists() and (best / META_FILE).exists()
     assert DirectoryCheckpointStore(tmp_path).complete_names() == [dir_name(10), dir_name(5)]
+
+
+def _run_with_checkpoints(tmp_path, steps: tuple[int, ...]):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("final", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    store = MlflowCheckpointStore(uri, run_id, keep_last=5)
+    for s in steps:
+        name = dir_name(s)
+        parts = {SHARED_PART: store_part(store, name, SHARED_PART, {"model": {"steps": s}})}
+        store.commit(name, CheckpointMeta(steps_done=s, epoch=0, step_in_epoch=s, parts=parts))
+    return uri, run_id
+
+
+def test_final_state_reads_the_reported_last_checkpoint_without_listing(tmp_path, monkeypatch):
+    from sparkml_dist.api import final_state
+
+    uri, run_id = _run_with_checkpoints(tmp_path, (10, 20))
+    listed = []
+    real = MlflowClient.list_artifacts
+    monkeypatch.setattr(MlflowClient, "list_artifacts",
+                        lambda self, *a, **k: listed.append(a) or real(self, *a, **k))
+    assert final_state(run_id, uri, steps_done=20) == {"steps": 20}
+    assert listed == []  # read by name
+    assert final_state(run_id, uri) == {"steps": 20}  # without the hint: the newest, by listing
+    assert listed
+
+
+def test_final_state_falls_back_to_the_newest_loadable_when_the_named_one_is_missing(tmp_path):
+    from sparkml_dist.api import final_state
+
+    uri, run_id = _run_with_checkpoints(tmp_path, (10, 20))
+    # No checkpoint at 30 (a strategy whose steps count differently): the newest one is used.
+    assert final_state(run_id, uri, steps_done=30) == {"steps": 20}
+    (tmp_path / "art" / run_id / "artifacts" / "checkpoints" / dir_name(20) / SHARED_PART
+     ).write_bytes(b"torn")  # the named one unreadable: the previous complete one
+    assert final_state(run_id, uri, steps_done=20) == {"steps": 10}

@@ -1,4 +1,4 @@
-"""Training curves as a PNG (matplotlib, headless)."""
+"""Training curves as a PNG (matplotlib's object API: no pyplot state, no backend switch)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from pathlib import Path
 
 
 def training_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """One panel per metric, x = optimizer step."""
-    import matplotlib
+    """One panel per metric, x = optimizer step.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a :class:`matplotlib.figure.Figure` of its own, which renders with Agg without
+    pyplot: the caller's backend (a notebook's inline one) is left alone, and the driver may
+    draw this in a thread while it logs the model."""
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(series), 3.4))
+    axes = fig.subplots(1, len(series), squeeze=False)
     for ax, (name, points) in zip(axes[0], series.items()):
         steps, values = zip(*sorted(points))
         ax.plot(steps, values, marker="o" if len(steps) < 40 else None, markersize=3)
@@ -21,4 +23,3 @@ def training_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> N
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
