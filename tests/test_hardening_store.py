@@ -25,9 +25,10 @@ from sparkml_dist.training.local_store import DirectoryCheckpointStore
 from tests.ranks import Dataset, digits, free_port, rank_stores
 
 
-def commit(store, steps: int) -> str:
+def commit(store, steps: int, state: dict | None = None) -> str:
     name = dir_name(steps)
-    parts = {SHARED_PART: store_part(store, name, SHARED_PART, {"steps": steps})}
+    parts = {SHARED_PART: store_part(store, name, SHARED_PART,
+                                     {"steps": steps} if state is None else state)}
     store.commit(name, CheckpointMeta(steps_done=steps, epoch=0, step_in_epoch=steps, parts=parts))
     return name
 
@@ -238,9 +239,7 @@ def _run_with_checkpoints(tmp_path, steps: tuple[int, ...]):
     run_id = client.create_run(exp).info.run_id
     store = MlflowCheckpointStore(uri, run_id, keep_last=5)
     for s in steps:
-        name = dir_name(s)
-        parts = {SHARED_PART: store_part(store, name, SHARED_PART, {"model": {"steps": s}})}
-        store.commit(name, CheckpointMeta(steps_done=s, epoch=0, step_in_epoch=s, parts=parts))
+        commit(store, s, {"model": {"steps": s}})
     return uri, run_id
 
 

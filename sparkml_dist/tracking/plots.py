@@ -9,8 +9,7 @@ def training_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> N
     """One panel per metric, x = optimizer step.
 
     Drawn on a :class:`matplotlib.figure.Figure` of its own, which renders with Agg without
-    pyplot: the caller's backend (a notebook's inline one) is left alone, and the driver may
-    draw this in a thread while it logs the model."""
+    pyplot: the caller's backend (a notebook's inline one) and figures are left alone."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.5 * len(series), 3.4))
