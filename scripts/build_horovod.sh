@@ -26,7 +26,7 @@
 #   SPARKML_DIST_CACHE      cache root (default ~/.cache/sparkml_dist); built
 #                           wheels go to $SPARKML_DIST_CACHE/wheels, build logs
 #                           to $SPARKML_DIST_CACHE.
-#   MAKEFLAGS               defaults to -j2.
+#   MAKEFLAGS               -j2 unless it names a job count.
 #   HOROVOD_FORCE_BUILD=1   ignore the installed and cached wheels and build.
 #   HOROVOD_GPU_OPERATIONS  passed through to the build. A GPU cluster builds
 #   HOROVOD_NCCL_HOME       with HOROVOD_GPU_OPERATIONS=NCCL (and, if NCCL is
@@ -262,14 +262,18 @@ sed -i -E 's/(CMAKE_CUDA_STANDARD[[:space:]]+)11([^0-9]|$)/\117\2/' "$cuda_cmake
 grep -qE 'CMAKE_CUDA_STANDARD[[:space:]]+17' "$cuda_cmake" \
     || fail "patch did not apply: no CMAKE_CUDA_STANDARD 17 in $cuda_cmake (sdist changed?)"
 
-step "compiling (MAKEFLAGS=${MAKEFLAGS:--j2})"
+# Called from a recipe of `make VAR=value ...`, MAKEFLAGS holds the caller's flags and
+# variables (nothing the compile needs) but no job count: then the compile gets -j2 alone.
+make_flags="${MAKEFLAGS:-}"
+[[ " $make_flags" =~ [[:space:]](-j|--jobs)|^[[:space:]][a-zA-Z]*j ]] || make_flags="-j2"
+step "compiling (MAKEFLAGS=$make_flags)"
 if ! env \
         HOROVOD_WITH_PYTORCH=1 \
         HOROVOD_WITH_GLOO=1 \
         HOROVOD_WITHOUT_MPI=1 \
         HOROVOD_WITHOUT_TENSORFLOW=1 \
         HOROVOD_WITHOUT_MXNET=1 \
-        MAKEFLAGS="${MAKEFLAGS:--j2}" \
+        MAKEFLAGS="$make_flags" \
         "$PYTHON" -m pip wheel --no-build-isolation --no-deps -v \
             -w "$work_dir/dist" "$src_dir" >>"$build_log" 2>&1; then
     fail "the compile failed after $((SECONDS - start_s)) s"

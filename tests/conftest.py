@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,37 @@ def digits_path(tmp_path_factory) -> Path:
     return write_digits_parquet(tmp_path_factory.mktemp("data") / "digits.parquet")
 
 
+_STORE_TEMPLATE: Path | None = None
+
+
+def sqlite_store(db: Path) -> str:
+    """The URI of a new, empty MLflow SQLite store at ``db``.
+
+    MLflow builds a new file's schema with its migrations (about 2 s, paid by the first process
+    that opens it); this process runs them once, into a template, and each store starts as a copy
+    of it: the same tables and Default experiment MLflow would create, in a file of its own.
+    """
+    global _STORE_TEMPLATE
+    if _STORE_TEMPLATE is None:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        template = Path(tempfile.mkdtemp(prefix="sparkml_dist-store-")) / "mlflow.db"
+        store = SqlAlchemyStore(f"sqlite:///{template}", str(template.parent / "mlruns"))
+        store.engine.dispose()
+        _STORE_TEMPLATE = template
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if db.exists():
+        raise FileExistsError(f"{db} exists: a new store needs a path of its own")
+    shutil.copyfile(_STORE_TEMPLATE, db)
+    return f"sqlite:///{db}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _STORE_TEMPLATE is not None:
+        shutil.rmtree(_STORE_TEMPLATE.parent, ignore_errors=True)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
-    """A fresh embedded MLflow store (SQLite + local artifacts) per test."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """A new embedded MLflow store (SQLite + local artifacts) per test."""
+    return sqlite_store(tmp_path / "mlflow.db")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import sqlite_store
 from tests.services import free_port, listening, service
 
 SERVER_START_TIMEOUT_S = 180.0
@@ -113,7 +114,7 @@ def test_fit_and_score_through_connect(remote, digits_path, tmp_path):
     from sparkml_dist import fit
     from sparkml_dist.inference import load_torch_model, predict_udf, register_predict_udf
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = sqlite_store(tmp_path / "mlflow.db")
     df = remote.read.parquet(str(digits_path)).limit(400)
     res = fit(df, **{"data.features_col": "features", "training.epochs": 2,
                      "training.num_workers": 2, "tracking.tracking_uri": tracking_uri,

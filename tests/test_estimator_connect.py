@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.conftest import sqlite_store
 from tests.test_connect import connect_server, remote  # noqa: F401 - the Connect fixtures
 from tests.test_estimator import COLS, CLASSES, _scores, estimator, make_rows
 
@@ -16,7 +17,7 @@ def test_pipeline_through_spark_connect(remote, tmp_path):  # noqa: F811
     from pyspark.sql.utils import is_remote
 
     assert is_remote()
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = sqlite_store(tmp_path / "mlflow.db")
     df = remote.createDataFrame([(i, *r) for i, r in enumerate(make_rows(160, seed=3))],
                                 ["id", *COLS, "kind"])
     fitted = Pipeline(stages=[VectorAssembler(inputCols=COLS, outputCol="features"),

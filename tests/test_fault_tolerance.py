@@ -16,6 +16,8 @@ from sparkml_dist import JobConfig, final_state, fit
 from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
 from sparkml_dist.tracking.run import JobRun
 
+from tests.conftest import sqlite_store
+
 ROOT = Path(__file__).resolve().parents[1]
 K = 10  # checkpoint.every_steps
 
@@ -48,7 +50,7 @@ def digits_df(spark, digits_path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(digits_df, tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('ref') / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path_factory.mktemp('ref') / "mlflow.db")
     result = fit(digits_df, ft_config(uri))
     assert result.attempts == 1 and result.ranks[0]["resumed_from"] == 0
     return final_state(result.run_id, uri)
@@ -71,7 +73,7 @@ def test_lost_worker_mid_epoch_resumes_exactly(digits_df, tracking_uri, uninterr
 
 
 def _store(tmp_path, keep_last=3) -> tuple[MlflowCheckpointStore, MlflowClient, str]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     run = JobRun(JobConfig().replace(**{"tracking.tracking_uri": uri}))
     return MlflowCheckpointStore(uri, run.run_id, keep_last), run.client, run.run_id
 
@@ -111,7 +113,7 @@ def test_checkpoint_without_metadata_is_incomplete_and_old_ones_are_pruned(tmp_p
 
 
 def test_driver_killed_mid_run_resumes_with_resume_flag(digits_path, tmp_path, uninterrupted):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     sets = [f"data.source={digits_path}", "data.features_col=features", "data.val_fraction=0.2",
             "model.factory=tests.factories:slow_mlp",
             "model.kwargs={hidden: [64], dropout: 0.1, delay_s: 0.2}",

@@ -11,6 +11,7 @@ from sparkml_dist.strategies.federated.config import FederatedConfig, SecureAggr
 from sparkml_dist.strategies.federated.driver import fit_federated
 from sparkml_dist.strategies.federated.partitioner import iid_clients
 from sparkml_dist.tracking.run import JobRun
+from tests.conftest import sqlite_store
 from tests.test_connect import connect_server, remote  # noqa: F401 - the Connect fixtures
 
 
@@ -21,7 +22,7 @@ def test_federated_rounds_with_secure_aggregation_through_connect(remote, digits
     assert is_remote()
     cfg = JobConfig(data=DataConfig(features_col="features"),
                     optimizer=OptimizerConfig(name="sgd", lr=0.2, momentum=0.5),
-                    tracking=TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    tracking=TrackingConfig(tracking_uri=sqlite_store(tmp_path / "mlflow.db"),
                                             log_model=False, progress=False))
     fed = FederatedConfig(client_col="client", rounds=2, local_epochs=2, local_batch_size=16,
                           simulate_dropout=0.2, secure_aggregation=SecureAggregationConfig())

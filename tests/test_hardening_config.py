@@ -17,6 +17,8 @@ from sparkml_dist.tracking.redact import REDACTED, redact_uri
 from sparkml_dist.tracking.run import JobRun
 from sparkml_dist.training.checkpoint import CheckpointMeta, check_fingerprint
 
+from tests.conftest import sqlite_store
+
 
 @pytest.mark.parametrize("key, value, message", [
     ("training.seed", -1, r"training\.seed must be in \[0, 2\^63\).*got -1"),
@@ -122,7 +124,7 @@ def test_uri_passwords_are_redacted():
 
 
 def test_secrets_never_reach_the_runs_params_or_config_artifact(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     cfg = JobConfig().replace(**{
         "tracking.tracking_uri": uri,
         "data.source": "jdbc://reader:hunter2@db.example/sales",
@@ -143,7 +145,7 @@ def test_secrets_never_reach_the_runs_params_or_config_artifact(tmp_path, monkey
 
 
 def test_resuming_a_finished_run_is_refused(tmp_path):
-    cfg = JobConfig().replace(**{"tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    cfg = JobConfig().replace(**{"tracking.tracking_uri": sqlite_store(tmp_path / "mlflow.db")})
     run = JobRun(cfg)
     run.finish()
     with pytest.raises(ConfigError, match=rf"run {run.run_id} is FINISHED.*Start a new run"):
@@ -159,7 +161,7 @@ def test_a_run_with_a_live_driver_is_not_resumed_unless_forced(tmp_path):
 
     from sparkml_dist.tracking.run import HEARTBEAT_STALE_S, HEARTBEAT_TAG
 
-    cfg = JobConfig().replace(**{"tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    cfg = JobConfig().replace(**{"tracking.tracking_uri": sqlite_store(tmp_path / "mlflow.db")})
     live = JobRun(cfg)
     live.start_heartbeat(interval_s=0.5)
     with pytest.raises(ConfigError, match=rf"run {live.run_id} is RUNNING and its driver was "

@@ -15,7 +15,7 @@ from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.driver_checks import (
     WORKER_BASE_MB, check_shard_memory, parse_size_mb, rank_rows)
 from sparkml_dist.errors import ConfigError
-from tests.conftest import make_session
+from tests.conftest import make_session, sqlite_store
 
 ROWS, WIDTH = 20_000, 32  # 1.22 MiB of features per rank with 2 ranks
 PER_WORKER_MB = WORKER_BASE_MB + 1  # room for 1 MiB of shard data per Python worker
@@ -85,7 +85,7 @@ def test_local_memory_and_spill_disk_are_checked(tmp_path):
 def test_fit_fails_before_launch_naming_the_setting(spark, wide_path, tmp_path):
     from sparkml_dist import fit
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     cfg = JobConfig().replace(**{"data.feature_cols": [f"f{i}" for i in range(WIDTH)],
                                  "training.num_workers": 2, "tracking.tracking_uri": uri})
     with pytest.raises(ConfigError, match=rf"rank \d would hold 10000 rows x 32 features .*"

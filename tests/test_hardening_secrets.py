@@ -12,6 +12,7 @@ from sparkml_dist.spark.launch import describe_failure
 from sparkml_dist.spark.preflight import compare_reports, local_store_problem
 from sparkml_dist.tracking.redact import REDACTED, Redactor, redact_uri
 from sparkml_dist.tracking.run import JobRun
+from tests.conftest import sqlite_store
 from tests.ranks import free_port
 
 SECRET = "hunter2pw"
@@ -52,7 +53,7 @@ def test_preflight_messages_quote_uris_without_their_password():
 
 
 def test_a_failed_attempt_reaches_logs_and_the_run_without_secrets(tmp_path, caplog):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     cfg = JobConfig().replace(**{"tracking.tracking_uri": uri,
                                  "data.read_options": {"password": SECRET}})
     exc = RuntimeError(f"sparkml_dist rank 0 attempt 0 failed: MlflowException: API request to "

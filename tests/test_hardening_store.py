@@ -22,6 +22,7 @@ from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
 from sparkml_dist.training.checkpoint import (
     META_FILE, SHARED_PART, CheckpointMeta, dir_name, part_file, prune_choice, store_part)
 from sparkml_dist.training.local_store import DirectoryCheckpointStore
+from tests.conftest import sqlite_store
 from tests.ranks import Dataset, digits, free_port, rank_stores
 
 
@@ -69,7 +70,7 @@ def test_directory_store_prune_leaves_another_writers_upload_until_stale(tmp_pat
 
 
 def test_mlflow_store_prune_leaves_another_writers_upload_until_stale(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = client.create_experiment("prune", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(exp).info.run_id
@@ -233,7 +234,7 @@ def test_the_best_model_is_stored_in_the_background_too(tmp_path):
 
 
 def _run_with_checkpoints(tmp_path, steps: tuple[int, ...]):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = client.create_experiment("final", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(exp).info.run_id

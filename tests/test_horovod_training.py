@@ -18,6 +18,7 @@ from sparkml_dist import FitResult, JobConfig, final_state, fit, load_config
 from sparkml_dist.comm.horovod import import_horovod
 from sparkml_dist.strategies.data_parallel.horovod_engine import HorovodOptimizer
 from sparkml_dist.errors import UserCodeError
+from tests.conftest import sqlite_store
 from tests.test_equivalence import job_config, reference_weights
 from tests.test_fault_tolerance import K as FT_EVERY_STEPS
 from tests.test_fault_tolerance import assert_bitwise_equal, ft_config
@@ -45,7 +46,7 @@ def small_df(spark, digits_path):
 def horovod_job(small_df, tmp_path_factory) -> Job:
     """One uninterrupted 2-rank Horovod run of the equivalence job, shared by several tests."""
     require_horovod()
-    uri = f"sqlite:///{tmp_path_factory.mktemp('hvd') / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path_factory.mktemp('hvd') / "mlflow.db")
     cfg = job_config(2, uri).replace(**{"backend.name": "horovod"})
     return Job(fit(small_df, cfg), cfg, uri)
 
@@ -126,7 +127,7 @@ def test_fp16_compression_trains_digits_to_95_percent(spark, digits_path, tracki
 def uninterrupted_ft(spark, digits_path, tmp_path_factory) -> dict[str, torch.Tensor]:
     """Final weights of the fault-tolerance job (Adam, dropout) on Horovod, nothing injected."""
     require_horovod()
-    uri = f"sqlite:///{tmp_path_factory.mktemp('hvd_ft') / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path_factory.mktemp('hvd_ft') / "mlflow.db")
     cfg = ft_config(uri, **{"backend.name": "horovod"})
     result = fit(spark.read.parquet(str(digits_path)), cfg)
     assert result.attempts == 1 and result.ranks[0]["resumed_from"] == 0

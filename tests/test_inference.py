@@ -29,6 +29,7 @@ from sparkml_dist.errors import ConfigError, DataError
 from sparkml_dist.inference import (
     ModelSpec, PredictConfig, feature_matrix, predict, predict_udf, register_predict_udf,
     resolve_model, result_array)
+from tests.conftest import sqlite_store
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "digits_inference_test"
@@ -43,7 +44,7 @@ def _torch_model(model_uri: str, tracking_uri: str) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """One embedded MLflow store (SQLite + local artifacts) shared by the module's models."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return sqlite_store(tmp_path_factory.mktemp('mlflow') / "mlflow.db")
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sparkml_dist.tracking.mlflow_store import MlflowSink
+from tests.conftest import sqlite_store
 
 
 @pytest.fixture()
 def run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = client.create_experiment("sink")
     return uri, client, client.create_run(exp).info.run_id

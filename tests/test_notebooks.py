@@ -16,6 +16,8 @@ import nbclient
 import nbformat
 import pytest
 
+from tests.conftest import sqlite_store
+
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
@@ -60,7 +62,7 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, digits_path: Pa
     from mlflow.tracking import MlflowClient
 
     nb = nbformat.read(path, as_version=4)
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = sqlite_store(tmp_path / "mlflow.db")
     used = inject_parameters(nb, {
         "DATA_PATH": str(digits_path), "TRACKING_URI": tracking_uri, "NUM_WORKERS": 2,
         "EPOCHS": 1, "SPARK_MASTER": "local[2]"})

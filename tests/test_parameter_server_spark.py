@@ -27,6 +27,7 @@ from sparkml_dist.data.layout import DataLayout
 from sparkml_dist.data.shard_store import FEATURES, LABEL, ROW, SHARD, SPLIT
 from sparkml_dist.spark.prepare import prepare
 from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
+from tests.conftest import sqlite_store
 from tests.ranks import Dataset, reference_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def df(spark, digits_path):
 
 @pytest.fixture(scope="module")
 def sync_result(df, tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('ps') / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path_factory.mktemp('ps') / "mlflow.db")
     cfg = config(uri, "strategy.mode=sync", "strategy.num_servers=2")
     return cfg, fit(df, cfg), uri
 

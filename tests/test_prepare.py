@@ -329,3 +329,27 @@ def test_assemble_counts_classes_keeps_columns_and_examples_are_real_rows(spark,
     prepared.release()
     with pytest.raises(DataError, match=r"column 'zz' to keep not found"):
         assemble(spark, imbalanced, cfg, keep=("zz",))
+
+
+def test_lookup_maps_give_the_literal_maps_values_and_types(spark):
+    """Integer maps are one SQL ``map(...)`` expression; other keys a literal at a time. Both
+    return what ``create_map`` of literals returns, BIGINT values and missing keys included."""
+    from sparkml_dist.spark.prepare import _lookup
+
+    ints = {i: i * 7919 for i in range(300)} | {300: 1 << 40, 301: -5}
+    strings = {"a": 1, "b": 1 << 35}
+    df = spark.range(0, 305).select(F.col("id").cast("int").alias("k"),
+                                    F.when(F.col("id") % 2 == 0, "a").otherwise("b").alias("s"))
+
+    def literal_map(mapping, key):
+        return F.create_map(*[x for k, v in mapping.items() for x in (F.lit(k), F.lit(v))])[key]
+
+    out = df.select(_lookup(ints, F.col("k")).alias("fast"),
+                    literal_map(ints, F.col("k")).alias("ref"),
+                    _lookup(strings, F.col("s")).alias("s_fast"),
+                    literal_map(strings, F.col("s")).alias("s_ref"))
+    assert out.schema["fast"].dataType == out.schema["ref"].dataType
+    rows = out.collect()
+    assert [(r.fast, r.s_fast) for r in rows] == [(r.ref, r.s_ref) for r in rows]
+    assert rows[300].fast == 1 << 40 and rows[301].fast == -5 and rows[304].fast is None
+    assert rows[1].s_fast == 1 << 35

@@ -15,6 +15,7 @@ from sparkml_dist.errors import CheckpointError, ConfigError, UserCodeError
 from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
 from sparkml_dist.tracking.run import JobRun
 from sparkml_dist.training.checkpoint import SHARED_PART, dir_name
+from tests.conftest import sqlite_store
 from tests.test_fault_tolerance import assert_bitwise_equal, ft_config
 
 
@@ -45,7 +46,7 @@ def test_bad_pairing_fails_on_the_driver_before_launch(digits_df, tracking_uri, 
 
 @pytest.fixture(scope="module")
 def topk_clean(digits_df, tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('topk') / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path_factory.mktemp('topk') / "mlflow.db")
     result = fit(digits_df, ft_config(uri, **{"strategy.compression.name": "topk",
                                               "strategy.compression.topk_ratio": 0.05}))
     return uri, result

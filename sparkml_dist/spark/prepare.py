@@ -390,9 +390,16 @@ def _group_col(mode: str, buckets: int, seed: int) -> Column:
 
 
 def _lookup(mapping: dict[Any, int], key: Column) -> Column:
-    """``mapping[key]`` as a column (a literal map)."""
+    """``mapping[key]`` as a column (a literal map).
+
+    Integer maps (class indices, bucket ids, offsets) are written as one SQL ``map(...)``
+    expression, a single call into the JVM whatever the number of classes; other keys build the
+    map a literal at a time. Both give Spark the same literals (INT where a value fits, else
+    BIGINT)."""
     if not mapping:
         return F.lit(0).cast("long")
+    if all(type(k) is int and type(v) is int for k, v in mapping.items()):
+        return F.expr(f"map({', '.join(f'{k}, {v}' for k, v in mapping.items())})")[key]
     return F.create_map(*[x for k, v in mapping.items() for x in (F.lit(k), F.lit(v))])[key]
 
 
