@@ -121,6 +121,32 @@ def test_builder_splits_several_shards_and_keeps_empty_ones(budget, tmp_path):
             np.testing.assert_array_equal(gy.numpy(), rows[::-1] * 10)
 
 
+def _without_shard(batches):
+    return [b.drop_columns([SHARD]) for b in batches]
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 2048])
+def test_builder_derives_the_shard_from_the_row_when_batches_carry_none(budget, tmp_path):
+    *_, batches = _shard_batches((0, 2))
+    want = ShardBuilder(4, 1 << 30, expected_shards=(0, 1, 2)).extend(batches).finish_shards()
+    got = ShardBuilder(4, budget, str(tmp_path), expected_shards=(0, 1, 2), num_shards=3
+                       ).extend(_without_shard(batches)).finish_shards()
+    assert sorted(got) == sorted(want) == [0, 1, 2]
+    for s in (0, 1, 2):
+        for sp in (0, 1):
+            np.testing.assert_array_equal(got[s][sp].row_ids(), want[s][sp].row_ids())
+            everything = np.arange(len(want[s][sp]))
+            for g, w in zip(got[s][sp].gather(everything), want[s][sp].gather(everything)):
+                np.testing.assert_array_equal(g.numpy(), w.numpy())
+    # The derived shard is checked like a carried one; without num_shards rows of several
+    # shards cannot be told apart.
+    with pytest.raises(AssertionError, match=r"received rows of shard 1"):
+        ShardBuilder(4, 1 << 30, expected_shards=(0, 2), num_shards=3).extend(
+            _without_shard(_shard_batches((0, 1))[3]))
+    with pytest.raises(ValueError, match="knows no num_shards"):
+        ShardBuilder(4, 1 << 30, expected_shards=(0, 2)).extend(_without_shard(batches))
+
+
 def test_builder_rejects_shards_outside_its_set_and_finish_needs_one():
     *_, batches = _shard_batches((0, 1, 2))
     with pytest.raises(AssertionError, match=r"a rank of shards \(0, 2\) received rows of shard 1"):

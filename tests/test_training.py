@@ -68,7 +68,8 @@ def test_mlflow_run_holds_params_metrics_tags_and_a_loadable_model(demo_run):
     acc = client.get_metric_history(run_id, "val/accuracy")
     assert len(loss) >= 20 and len(acc) == 20  # every log window, every epoch
     assert loss[-1].value < loss[0].value
-    for key in ("perf/samples_per_s", "time/step_s", "time/feed_s", "checkpoint/write_s"):
+    for key in ("perf/samples_per_s", "time/step_s", "time/feed_s", "time/validate_s",
+                "checkpoint/write_s"):
         assert client.get_metric_history(run_id, key), key
     arts = {a.path for a in client.list_artifacts(run_id)}
     assert {"checkpoints", "plots", "config"} <= arts

@@ -234,8 +234,13 @@ class ShardBuilder:
 
     def __init__(self, width: int, memory_budget_bytes: int, spill_dir: str | None = None,
                  label_type: pa.DataType = pa.int64(),
-                 expected_shards: tuple[int, ...] | None = None) -> None:
+                 expected_shards: tuple[int, ...] | None = None,
+                 num_shards: int | None = None) -> None:
         self.width = width
+        self.num_shards = num_shards
+        """Shards in the data layout. Given, batches may leave out the ``__shard`` column: a
+        row's shard is then its row number modulo ``num_shards`` (the prepared frame's rule), so
+        Spark converts and sends one column less per row."""
         self.budget = memory_budget_bytes
         self.spill_dir = spill_dir
         self.label_type = label_type
@@ -261,14 +266,19 @@ class ShardBuilder:
     def expected_shard(self, shard: int | None) -> None:
         self.expected_shards = None if shard is None else (int(shard),)
 
-    def _shards_of(self, batch: pa.RecordBatch) -> np.ndarray:
+    def _shards_of(self, batch: pa.RecordBatch, rows: np.ndarray) -> np.ndarray:
         expected = self.expected_shards
-        if SHARD not in batch.schema.names:
-            if expected is not None and len(expected) > 1:
-                raise ValueError(f"batches carry no {SHARD} column, so rows cannot be assigned "
-                                 f"to the expected shards {expected}")
+        if SHARD in batch.schema.names:
+            shards = batch.column(SHARD).to_numpy(zero_copy_only=False).astype(np.int64,
+                                                                                copy=False)
+        elif self.num_shards is not None:
+            shards = rows % self.num_shards
+        elif expected is not None and len(expected) > 1:
+            raise ValueError(f"batches carry no {SHARD} column and the builder knows no "
+                             f"num_shards, so rows cannot be assigned to the expected shards "
+                             f"{expected}")
+        else:
             return np.full(len(batch), expected[0] if expected else 0, np.int64)
-        shards = batch.column(SHARD).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         if expected is not None:
             bad = ~np.isin(shards, np.asarray(expected, dtype=np.int64))
             if bad.any():
@@ -282,12 +292,12 @@ class ShardBuilder:
         """Take one record batch from the task's input stream."""
         if len(batch) == 0:
             return
-        shards = self._shards_of(batch)
         splits = batch.column(SPLIT).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         chunk = _chunk_from_batch(pa.RecordBatch.from_arrays(
             [batch.column(FEATURES).cast(pa.list_(pa.float32())),
              batch.column(LABEL).cast(self.label_type), batch.column(ROW)],
             names=[FEATURES, LABEL, ROW]), self.width)
+        shards = self._shards_of(batch, chunk.rows)
         keys = shards * 2 + splits
         if (keys == keys[0]).all():
             parts = [(int(keys[0]), chunk)]

@@ -174,7 +174,7 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
                  prepared.num_workers)
         try:
             with deadline, board or contextlib.nullcontext():
-                rows = (prepared.frame
+                rows = (prepared.feed_frame()
                         .mapInArrow(functools.partial(run_barrier_task, spec), RESULT_SCHEMA,
                                     barrier=True)
                         .collect())

@@ -138,7 +138,9 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     builder = ShardBuilder(spec.plan.in_features, int(cfg.data.shard_memory_mb * 2**20),
                            cfg.data.spill_dir,
                            pa.int64() if cfg.data.task == "classification" else pa.float32())
-    builder.expected_shards = spec.plan.data_layout().shards_of_rank[endpoint.rank]
+    layout = spec.plan.data_layout()
+    builder.expected_shards = layout.shards_of_rank[endpoint.rank]
+    builder.num_shards = layout.num_shards  # the batches carry no shard column
     train, val = _my_shards(builder.extend(batches), endpoint.rank, cfg.strategy.kind)
     feed_s = time.perf_counter() - t_feed
     logging.getLogger(__name__).info("rank %d holds %d train and %d validation rows (%.1f MiB%s)",

@@ -124,10 +124,13 @@ def validate(module: nn.Module, val: ShardStore, comm: Communicator, cfg: JobCon
              device: torch.device, sink: MetricSink, epoch: int, done: int) -> dict[str, float]:
     """The end of epoch ``epoch``'s validation metrics (:func:`evaluate`, tagged with the
     1-based epoch); rank 0 logs them at step ``done``."""
+    t0 = time.perf_counter()
     metrics = evaluate(module, val, comm, cfg.data.task, cfg.training.batch_size * 4, device)
     metrics["epoch"] = float(epoch + 1)
     if comm.rank == 0:
-        sink.log_metrics(metrics, done)
+        # The pass's seconds go to the run only, not into the returned metrics (which resumed
+        # and reference runs compare).
+        sink.log_metrics({**metrics, "time/validate_s": time.perf_counter() - t0}, done)
     return metrics
 
 
