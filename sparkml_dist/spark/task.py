@@ -92,39 +92,17 @@ def _device(ctx, cfg: JobConfig):
     return torch.device("cuda", index)
 
 
-#: Modules a rank needs only after its feed: MLflow's client (about 1.5 s to import in a fresh
-#: Python worker) and what building DDP pulls in (``torch._dynamo``, sympy...: about 1.2 s).
-PREIMPORTS = ("sparkml_dist.comm.factory", "sparkml_dist.tracking.mlflow_store",
-              "torch.nn.parallel.distributed", "torch._dynamo")
-
-
-def _preimport(modules: tuple[str, ...] = PREIMPORTS) -> threading.Thread:
-    """Import ``modules`` in a background thread while the rank meets its peers and reads its
-    shard, so a fresh Python worker (the first fit of a session, or one after Spark's one-minute
-    idle timeout) does not pay for them on the critical path. Join the thread before using them
-    (:func:`_join_preimport`); an import that fails here is reported by the real import later."""
-    import importlib
-
+def _preimport() -> None:
+    """Import what building DDP pulls in (``torch._dynamo``, sympy...: about a second in a fresh
+    Python worker) while the rendezvous waits, so it is off the critical path."""
     def work() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the real import later reports any problem
-                pass
+        try:
+            import torch.nn.parallel.distributed  # noqa: F401
+            import torch._dynamo  # noqa: F401
+        except Exception:  # noqa: BLE001 - the real import later reports any problem
+            pass
 
-    thread = threading.Thread(target=work, name="sparkml_dist-preimport", daemon=True)
-    thread.start()
-    return thread
-
-
-def _join_preimport(thread: threading.Thread, timeout_s: float) -> None:
-    """Wait at most ``timeout_s`` for :func:`_preimport`'s thread; the imports that follow then
-    find their modules loaded (or, past the bound, wait on Python's import locks as usual)."""
-    t0 = time.perf_counter()
-    thread.join(timeout_s)
-    waited = time.perf_counter() - t0
-    if waited > 0.05:
-        logging.getLogger(__name__).debug("waited %.2f s for the background imports", waited)
+    threading.Thread(target=work, name="sparkml_dist-preimport", daemon=True).start()
 
 
 def _my_shards(builder, rank: int, kind: str):
@@ -146,12 +124,14 @@ def _my_shards(builder, rank: int, kind: str):
 
 
 def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
+    from sparkml_dist.comm.factory import create_communicator
     from sparkml_dist.data.shard_store import ShardBuilder
     from sparkml_dist.spark.rendezvous import barrier_rendezvous
+    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore, MlflowSink
     from sparkml_dist.training.loop import NullSink, train_rank
 
     cfg = spec.config
-    imports = _preimport()  # after this rank's own imports: the threads share no module
+    _preimport()
     endpoint, store = barrier_rendezvous(ctx, spec.plan.attempt, cfg.backend.rendezvous_timeout_s,
                                          cfg.backend.timeout_s, spec.secret, spec.board)
     t_feed = time.perf_counter()
@@ -167,10 +147,6 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
                                      endpoint.rank, len(train), len(val),
                                      (train.arrow_nbytes + val.arrow_nbytes) / 2**20,
                                      ", spilled" if train.spilled_path else "")
-    _join_preimport(imports, cfg.backend.timeout_s)
-    from sparkml_dist.comm.factory import create_communicator
-    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore, MlflowSink
-
     device = _device(ctx, cfg)
     comm = create_communicator(cfg.backend, endpoint, store, device)
     try:
