@@ -123,14 +123,15 @@ def fit(data: Any = None, config: JobConfig | str | Path | None = None, *, spark
             app_id = spark.conf.get("spark.app.id")
         except Exception:  # noqa: BLE001 - not exposed on every Connect server
             app_id = "unknown"
-        run.set_tags({"sparkml_dist.backend": cfg.backend.name,
-                      "sparkml_dist.world_size": tc.num_workers,
-                      "sparkml_dist.device": cfg.backend.device, "spark.app_id": app_id})
-        run.set_tags(strategy_class(cfg.strategy.kind).run_tags(cfg))
+        tags = {"sparkml_dist.backend": cfg.backend.name,
+                "sparkml_dist.world_size": tc.num_workers,
+                "sparkml_dist.device": cfg.backend.device, "spark.app_id": app_id,
+                **strategy_class(cfg.strategy.kind).run_tags(cfg)}
         if cfg.backend.name == "horovod":
             from sparkml_dist.comm.horovod import run_tags as horovod_run_tags
 
-            run.set_tags(horovod_run_tags(cfg.backend))
+            tags.update(horovod_run_tags(cfg.backend))
+        run.set_tags(tags)
         if resume_run_id:
             check_resume(run, cfg, prepared.layout)
         run.log_params({"data.rows_train": sum(prepared.train_shard_sizes),

@@ -84,14 +84,23 @@ class JobRun:
         self.client.log_dict(self.run_id, safe, "config/resolved.json")
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, self.redactor.text(str(v)))
+        """Set ``tags`` (values as text, this job's secrets redacted) in one store call."""
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, self.redactor.text(str(v)))
+                                                     for k, v in tags.items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Log the ``params`` the run does not have yet (a resumed run keeps its values), in
+        one store call."""
+        from mlflow.entities import Param
+
         existing = self.client.get_run(self.run_id).data.params
-        for k, v in params.items():
-            if k not in existing:
-                self.client.log_param(self.run_id, k, self.redactor.text(str(v)))
+        new = [Param(k, self.redactor.text(str(v))) for k, v in params.items()
+               if k not in existing]
+        if new:
+            self.client.log_batch(self.run_id, params=new)
 
     def record_attempt(self, attempt: int) -> None:
         self.client.set_tag(self.run_id, ATTEMPTS_TAG, str(attempt + 1))
