@@ -78,29 +78,27 @@ class JobRun:
         # Secrets (read options named like passwords or keys, a tracking URI's password) are
         # redacted in both the params and the resolved config artifact.
         safe = redact(to_dict(cfg))
-        params = [Param(k, v[:6000]) for k, v in sorted(from_dict(safe).flat().items())]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        # One log_batch: MLflow's client splits it into calls of at most 100 params each.
+        self.client.log_batch(self.run_id, params=[
+            Param(k, v[:6000]) for k, v in sorted(from_dict(safe).flat().items())])
         self.client.log_dict(self.run_id, safe, "config/resolved.json")
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        """Set ``tags`` (values as text, this job's secrets redacted) in one store call."""
+        """Set ``tags`` (values as text, this job's secrets redacted) in one ``log_batch``."""
         from mlflow.entities import RunTag
 
-        if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, self.redactor.text(str(v)))
-                                                     for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, self.redactor.text(str(v)))
+                                                 for k, v in tags.items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log the ``params`` the run does not have yet (a resumed run keeps its values), in
-        one store call."""
+        one ``log_batch``."""
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, self.redactor.text(str(v))) for k, v in params.items()
-               if k not in existing]
-        if new:
-            self.client.log_batch(self.run_id, params=new)
+        self.client.log_batch(self.run_id, params=[Param(k, self.redactor.text(str(v)))
+                                                   for k, v in params.items()
+                                                   if k not in existing])
 
     def record_attempt(self, attempt: int) -> None:
         self.client.set_tag(self.run_id, ATTEMPTS_TAG, str(attempt + 1))
