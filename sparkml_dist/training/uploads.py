@@ -9,8 +9,9 @@ checkpoint the newest complete one.
 At most one upload is in flight per rank: the next checkpoint (and the end of training) first
 waits for the previous one with :meth:`BackgroundUploads.drain_together`, which every rank calls
 at the same point. It polls in short rounds of a small all-gather, so no rank ever blocks in a
-collective for longer than a round while a peer's upload finishes, and every rank fails at once,
-with the same error, when one upload failed or the store's ``upload_timeout_s`` passed.
+collective for longer than a round while a peer's upload finishes (a busy rank ends its round as
+soon as its upload does), and every rank fails at once, with the same error, when one upload
+failed or the store's ``upload_timeout_s`` passed.
 """
 
 from __future__ import annotations
@@ -86,7 +87,15 @@ class BackgroundUploads:
                     "store is too slow for the checkpoint's size: check its health, raise "
                     "checkpoint.upload_timeout_s, or checkpoint less often "
                     "(checkpoint.every_steps).")
-            time.sleep(self.poll_s)
+            self._next_round()
+
+    def _next_round(self) -> None:
+        """Wait until this rank's upload ends, at most ``poll_s``: the round after it starts as
+        soon as the last upload is stored, not at the next tick of a fixed poll. A rank with
+        nothing in flight goes straight on and waits in that round's all-gather for the busy
+        ones, at most ``poll_s`` too."""
+        if self._thread is not None:
+            self._thread.join(self.poll_s)
 
     def wait_alone(self, timeout_s: float) -> None:
         """This rank only (no collectives, for a rank that is failing or exiting): give the
