@@ -1,13 +1,17 @@
-"""Draining background checkpoint uploads on two real gloo ranks: the ranks go on as soon as
-the last upload is stored, not a poll interval later, and a failed upload stops both."""
+"""Waiting on checkpoint uploads ends when the upload does, not a poll interval later: draining
+background uploads on two real gloo ranks (a failed upload stops both), and rank 0 waiting for
+other ranks' parts in a directory store before it commits (bounded, naming what is missing)."""
 
 import multiprocessing as mp
+import threading
 import time
 import traceback
 
 import pytest
 
 from sparkml_dist.errors import CheckpointError
+from sparkml_dist.training.checkpoint import wait_for_parts
+from sparkml_dist.training.local_store import DirectoryCheckpointStore
 from tests.ranks import free_port
 from tests.test_comm import _join
 
@@ -75,3 +79,35 @@ def test_a_failed_upload_stops_every_rank_with_its_reason(failing):
         assert kind == "error", got
         assert f"rank {failing}: storing checkpoint ckpt-0000000002 failed" in text
         assert "the store refused the part" in text
+
+
+def test_commit_waits_for_other_ranks_parts_and_goes_on_when_they_land(tmp_path):
+    store = DirectoryCheckpointStore(tmp_path)
+    name, part = "ckpt-0000000004", b"x" * 1000
+    store.write_part(name, "rank-00001.pt", part[:10])  # an upload still under way
+
+    def late_writer():
+        time.sleep(0.5)
+        store.write_part(name, "rank-00001.pt", part)
+
+    writer = threading.Thread(target=late_writer)
+    t0 = time.monotonic()
+    writer.start()
+    wait_for_parts(store, name, {"rank-00001.pt": len(part)}, timeout_s=30.0, poll_s=POLL_S)
+    waited = time.monotonic() - t0
+    writer.join()
+    assert store.part_sizes(name)["rank-00001.pt"] == len(part)
+    assert 0.5 <= waited < POLL_S - 1.0, f"waited {waited:.2f} s for a part stored after 0.5 s"
+
+
+def test_commit_wait_is_bounded_and_names_the_missing_part(tmp_path):
+    store = DirectoryCheckpointStore(tmp_path)
+    store.write_part("ckpt-0000000004", "rank-00001.pt", b"done")
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError) as err:
+        wait_for_parts(store, "ckpt-0000000004", {"rank-00001.pt": 4, "rank-00002.pt": 8},
+                       timeout_s=1.0, poll_s=POLL_S)
+    assert time.monotonic() - t0 < 3.0  # the bound, not the poll interval, ends the wait
+    text = str(err.value)
+    assert "rank-00002.pt" in text and "rank-00001.pt" not in text
+    assert "not committed" in text

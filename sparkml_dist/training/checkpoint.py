@@ -165,11 +165,19 @@ def store_part(store: CheckpointStore, name: str, filename: str,
     return info
 
 
+_FIRST_POLL_S = 0.01
+
+
 def wait_for_parts(store: CheckpointStore, name: str, sizes: dict[str, int],
                    timeout_s: float, poll_s: float = 0.2) -> None:
     """Wait until every part in ``sizes`` (file name -> bytes) is stored whole under ``name``
-    (written by other ranks), at most ``timeout_s``; then the commit marker may follow."""
+    (written by other ranks), at most ``timeout_s``; then the commit marker may follow.
+
+    The store is listed again after 10 ms, then at doubling intervals up to ``poll_s``: parts
+    written alongside this rank's usually land within the first few, and a store that is slow
+    to receive them is listed every ``poll_s`` after that."""
     deadline = time.monotonic() + timeout_s
+    delay = min(_FIRST_POLL_S, poll_s)
     while True:
         stored = store.part_sizes(name) if sizes else {}
         missing = sorted(f for f, n in sizes.items() if stored.get(f) != n)
@@ -180,7 +188,8 @@ def wait_for_parts(store: CheckpointStore, name: str, sizes: dict[str, int],
                 f"checkpoint {name}: the parts {', '.join(missing)} of other ranks were not stored "
                 f"within {timeout_s:.0f} s, so it is not committed (the previous checkpoint "
                 "stays the newest). Check the checkpoint store's health and speed.")
-        time.sleep(poll_s)
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(2 * delay, poll_s)
 
 
 def prune_choice(dirs: list[str], committed: set[str], newest: str, keep_last: int,
