@@ -5,8 +5,11 @@ directory store. Used by the strategy/compression tests, which need many short r
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import socket
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,18 +136,23 @@ def run_ranks(cfg: JobConfig, ds: Dataset, ckpt_dir: str, attempt: int = 0,
               timeout_s: float = 300.0) -> dict[int, tuple[str, Any]]:
     """Run every rank of one attempt; return ``{rank: (status, payload)}`` (status ``ok``,
     ``error`` or ``died``)."""
-    world = cfg.training.num_workers
+    return spawn_ranks(_rank_main, cfg.training.num_workers, (cfg, ds, ckpt_dir, attempt),
+                       timeout_s)
+
+
+def spawn_ranks(target: Callable[..., None], world: int, args: tuple = (),
+                timeout_s: float = 300.0) -> dict[int, tuple[str, Any]]:
+    """Run ``target(rank, world, port, *args, out)`` on ``world`` spawned processes (``port``
+    a free loopback port for their store); each puts ``(rank, status, payload)`` on ``out``.
+    Return ``{rank: (status, payload)}``; a rank that reported nothing within ``timeout_s``
+    is killed and reads ``("died", exit code)``."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, cfg, ds, ckpt_dir, attempt, out))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, tuple[str, Any]] = {}
-    import queue
-    import time
-
     deadline = time.monotonic() + timeout_s
     while len(results) < world and time.monotonic() < deadline:
         try:

@@ -2,15 +2,13 @@
 collectives on Horovod), checked against what each rank must receive; waits are bounded."""
 
 import datetime
-import multiprocessing as mp
-import queue
 import traceback
 
 import pytest
 import torch
 
 from sparkml_dist.comm.base import BACKEND_CAPABILITIES, Capability
-from tests.ranks import free_port
+from tests.ranks import spawn_ranks
 from tests.test_horovod_gloo import require_horovod
 
 
@@ -90,27 +88,10 @@ def _main(rank, world, port, backend, what, out):
 
 
 def _run(world, backend, what="all", timeout_s=120):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_main, args=(r, world, port, backend, what, out))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    res = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = out.get(timeout=timeout_s)
-            assert status == "ok", payload
-            res[rank] = payload
-    except queue.Empty:
-        pytest.fail(f"ranks did not report within {timeout_s}s: got {sorted(res)}")
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return res
+    res = spawn_ranks(_main, world, (backend, what), timeout_s)
+    for rank, (status, payload) in res.items():
+        assert status == "ok", f"rank {rank}: {status}: {payload}"
+    return {rank: payload for rank, (_, payload) in res.items()}
 
 
 def _check_collectives(res, world):

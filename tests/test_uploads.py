@@ -2,7 +2,6 @@
 background uploads on two real gloo ranks (a failed upload stops both), and rank 0 waiting for
 other ranks' parts in a directory store before it commits (bounded, naming what is missing)."""
 
-import multiprocessing as mp
 import threading
 import time
 import traceback
@@ -12,23 +11,23 @@ import pytest
 from sparkml_dist.errors import CheckpointError
 from sparkml_dist.training.checkpoint import wait_for_parts
 from sparkml_dist.training.local_store import DirectoryCheckpointStore
-from tests.ranks import free_port
+from tests.ranks import spawn_ranks
 from tests.test_comm import _join
 
 POLL_S = 5.0  # far longer than any upload here: a drain that sleeps a whole poll shows
 
 
-def _rank(rank, port, upload_s, fail, out):
+def _rank(rank, world, port, upload_s, fail, out):
     from sparkml_dist.training.uploads import BackgroundUploads
 
     try:
-        comm = _join(rank, 2, port, "gloo")
+        comm = _join(rank, world, port, "gloo")
         try:
             uploads = BackgroundUploads(timeout_s=60.0, poll_s=POLL_S)
 
             def job():
-                time.sleep(upload_s)
-                if fail:
+                time.sleep(upload_s[rank])
+                if fail[rank]:
                     raise OSError("the store refused the part")
 
             uploads.submit("ckpt-0000000002", job)
@@ -45,20 +44,7 @@ def _rank(rank, port, upload_s, fail, out):
 
 
 def _run(upload_s, fail):
-    ctx = mp.get_context("spawn")
-    out, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, upload_s[r], fail[r], out))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        return dict((r, (kind, value)) for r, kind, value in (out.get(timeout=120)
-                                                             for _ in procs))
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    return spawn_ranks(_rank, 2, (upload_s, fail), timeout_s=120)
 
 
 def test_drain_ends_when_the_slowest_upload_is_stored():
