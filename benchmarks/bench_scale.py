@@ -261,8 +261,8 @@ def bench_size(spark, rows: int, reps: int, tmp: Path, jvm_pid: int) -> dict[str
     keys = ("wall_s", "prepare_s", "prepare_assemble_s", "prepare_shard_s", "feed_s", "train_s",
             "finish_s", "other_s", "non_train_s", "validate_s", "non_train_non_val_s",
             "store_create_s", "prepare_cpu_s", "train_loop_s", "non_train_loop_s")
-    stats = {k: summary([f[k] for f in fits if f.get(k) is not None]) for k in keys
-             if any(f.get(k) is not None for f in fits)}
+    stats = {k: summary([f[k] for f in fits if f[k] is not None]) for k in keys
+             if any(f[k] is not None for f in fits)}
     peer = {k: summary([p[k] for p in peers]) for k in ("wall_s", "spark_s", "read_s",
                                                           "spark_cpu_s")}
     def ratio(key: str) -> dict[str, float]:
