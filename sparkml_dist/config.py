@@ -448,7 +448,8 @@ class FaultInjection:
     rank: int
     """Rank that dies."""
     step: int
-    """Global optimizer step (0-based) before which it dies."""
+    """Global optimizer step (0-based) before which it dies (asynchronous push-sum: the first
+    of the rank's own steps once the job has reached this step)."""
     attempt: int = 0
     """Launch attempt (0-based) on which it dies."""
 

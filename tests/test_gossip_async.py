@@ -177,8 +177,9 @@ def test_killed_rank_resumes_from_the_last_cut(data, allreduce_accuracy, tmp_pat
     assert cuts, "the killed run left no cut"
     second = _ok(run_ranks(cfg, data, str(tmp_path), attempt=1))
     steps = 12  # per epoch: 1437 training rows over 4 ranks, 32 a batch
-    assert second["resumed_from"] > 0 and second["resumed_from"] % steps == 0
-    assert second["resumed_from"] < 6 * steps
+    # Step 30 falls in epoch 3 however the ranks' paces split the epochs' budgets (rank 1 may
+    # take 30 steps of its own within epoch 1): it dies there, after the cut of epoch 2.
+    assert second["resumed_from"] == 2 * steps
     epochs = [m["progress/epoch"] for m in _epoch_rows(second)]
     assert epochs == list(range(second["resumed_from"] // steps + 1, 7))
     acc = second["metrics"]["val/accuracy"]

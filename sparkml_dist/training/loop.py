@@ -169,9 +169,14 @@ class _DataOrder:
 
 
 def _maybe_die(cfg: JobConfig, rank: int, attempt: int, step: int,
-               uploads: BackgroundUploads | None = None) -> None:
+               uploads: BackgroundUploads | None = None, *, reached: bool = False) -> None:
+    """Test-only ``fault.inject``: exit hard at the injected step. ``reached``: the caller's
+    step can jump past the injected one (the job's step seen by a rank of an asynchronous loop),
+    so the rank dies at the first step at or after it."""
     inj = cfg.fault.inject
-    if inj is not None and (inj.rank, inj.step, inj.attempt) == (rank, step, attempt):
+    if inj is None or (inj.rank, inj.attempt) != (rank, attempt):
+        return
+    if step == inj.step or (reached and step > inj.step):
         if uploads is not None:  # the fault strikes at the step, after the checkpoints before it
             uploads.wait_alone(cfg.backend.timeout_s)
         log.error("fault injection: rank %d exits hard at step %d on attempt %d",

@@ -96,14 +96,21 @@ def _train(cfg: JobConfig, plan: RankPlan, comm: Communicator, strategy: AsyncPu
     budget, key = steps * global_batch, counter_key(epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_steps = count = 0
+    job_step = epoch * steps  # the job's step as this rank last saw the shared count
     while count < budget:
-        _maybe_die(cfg, comm.rank, plan.attempt, strategy.local_steps, uploads)
+        # fault.inject keys on the job's step, not this rank's own count: how the ranks' paces
+        # split an epoch's budget varies from run to run, the epoch a job's step falls in not.
+        _maybe_die(cfg, comm.rank, plan.attempt, job_step, uploads, reached=True)
         x, y = train.gather(strategy.next_rows(len(train), tc.batch_size))
         seed_step(step_seed(tc.seed, comm.rank, strategy.local_steps), device)
         loss_sum += strategy.train_step(strategy.local_steps, x.to(device), y.to(device))
         n_steps += 1
         count = int(comm.store.add(key, tc.batch_size))
-        strategy.advance_schedule(epoch * steps + min(steps, count // global_batch))
+        job_step = epoch * steps + min(steps, count // global_batch)
+        strategy.advance_schedule(job_step)
+    # The injected step fell in this epoch but the others' steps took the job past it between
+    # two of this rank's: the rank still dies in that epoch, before its cut.
+    _maybe_die(cfg, comm.rank, plan.attempt, job_step - 1, uploads, reached=True)
     return loss_sum, n_steps
 
 
