@@ -141,14 +141,15 @@ def run_ranks(cfg: JobConfig, ds: Dataset, ckpt_dir: str, attempt: int = 0,
 
 
 def spawn_ranks(target: Callable[..., None], world: int, args: tuple = (),
-                timeout_s: float = 300.0) -> dict[int, tuple[str, Any]]:
+                timeout_s: float = 300.0, port: int | None = None
+                ) -> dict[int, tuple[str, Any]]:
     """Run ``target(rank, world, port, *args, out)`` on ``world`` spawned processes (``port``
-    a free loopback port for their store); each puts ``(rank, status, payload)`` on ``out``.
-    Return ``{rank: (status, payload)}``; a rank that reported nothing within ``timeout_s``
-    is killed and reads ``("died", exit code)``."""
+    the store's loopback port: a free one unless the caller hosts the store); each puts
+    ``(rank, status, payload)`` on ``out``. Return ``{rank: (status, payload)}``; a rank that
+    reported nothing within ``timeout_s`` is killed and reads ``("died", exit code)``."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = free_port()
+    port = free_port() if port is None else port
     procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
     for p in procs:
         p.start()

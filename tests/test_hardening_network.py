@@ -17,6 +17,7 @@ from sparkml_dist.config import JobConfig
 from sparkml_dist.driver_checks import check_encryption
 from sparkml_dist.errors import ConfigError, RendezvousError
 from sparkml_dist.spark.rendezvous import DriverBoard, _via_board, host_store, open_board
+from tests.ranks import spawn_ranks
 
 TIMEOUT = datetime.timedelta(seconds=20)
 
@@ -95,7 +96,8 @@ def test_ranks_learn_rank_0s_address_from_the_driver_board_sealed_and_bounded():
     assert time.monotonic() - t0 < 10
 
 
-def _rank(rank: int, port: int, secret: str, out: "mp.Queue") -> None:
+def _rank(rank: int, world: int, port: int, secrets: list[str], out: "mp.Queue") -> None:
+    secret = secrets[rank]
     try:
         raw = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=TIMEOUT)
         store = SealedStore(raw, secret)
@@ -104,21 +106,16 @@ def _rank(rank: int, port: int, secret: str, out: "mp.Queue") -> None:
         t = torch.full((3,), float(rank + 1))
         dist.all_reduce(t)
         dist.destroy_process_group()
-        out.put((rank, t.tolist()))
+        out.put((rank, "ok", t.tolist()))
     except Exception as exc:  # noqa: BLE001 - reported to the test
-        out.put((rank, f"{type(exc).__name__}: {exc}"))
+        out.put((rank, "error", f"{type(exc).__name__}: {exc}"))
 
 
 def _run_ranks(port: int, secrets: list[str]) -> dict[int, object]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, s, out)) for r, s in enumerate(secrets)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(30)
-    return results
+    """Rank r joins the test's store at ``port`` with ``secrets[r]``: {rank: what it reported
+    (the all-reduced values or its error), or its exit code if it died}."""
+    res = spawn_ranks(_rank, len(secrets), (secrets,), timeout_s=120.0, port=port)
+    return {r: payload for r, (_, payload) in res.items()}
 
 
 def test_ranks_with_the_secret_train_and_an_outsider_reads_nothing():
@@ -201,7 +198,7 @@ def test_encrypted_cluster_refuses_unencrypted_collectives_unless_allowed(key, c
     check_encryption(JobConfig(), {key: "false"}.get)
 
 
-def _horovod_rank(rank: int, port: int, secret: str, out: "mp.Queue") -> None:
+def _horovod_rank(rank: int, world: int, port: int, secret: str, out: "mp.Queue") -> None:
     import socket
 
     from sparkml_dist.comm.base import Endpoint
@@ -224,23 +221,14 @@ def _horovod_rank(rank: int, port: int, secret: str, out: "mp.Queue") -> None:
         t = comm.all_reduce(torch.full((2,), float(rank + 1)), "sum")
         stall = os.environ.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")
         comm.close()
-        out.put((rank, (server, t.tolist(), stall)))
+        out.put((rank, "ok", (server, t.tolist(), stall)))
     except Exception as exc:  # noqa: BLE001 - reported to the test
-        out.put((rank, f"{type(exc).__name__}: {exc}"))
+        out.put((rank, "error", f"{type(exc).__name__}: {exc}"))
 
 
 @pytest.mark.horovod
 def test_horovod_joins_over_the_sealed_store_and_stops_its_rendezvous_server():
     master = host_store("127.0.0.1", 3, 30.0)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    secret = new_secret()
-    procs = [ctx.Process(target=_horovod_rank, args=(r, master.port, secret, out))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(30)
+    results = spawn_ranks(_horovod_rank, 2, (new_secret(),), timeout_s=180.0, port=master.port)
     # Every rank passed hvd.init(): the HTTP rendezvous server no longer accepts connections.
-    assert results == {r: ("stopped", [3.0, 3.0], "30") for r in range(2)}, results
+    assert results == {r: ("ok", ("stopped", [3.0, 3.0], "30")) for r in range(2)}, results

@@ -9,9 +9,7 @@ checkpoint the newest, and resume finds it (real rank loop, 2 gloo ranks).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue
 import time
 import traceback
 
@@ -23,7 +21,7 @@ from sparkml_dist.training.checkpoint import (
     META_FILE, SHARED_PART, CheckpointMeta, dir_name, part_file, prune_choice, store_part)
 from sparkml_dist.training.local_store import DirectoryCheckpointStore
 from tests.conftest import sqlite_store
-from tests.ranks import Dataset, digits, free_port, rank_stores
+from tests.ranks import Dataset, digits, rank_stores, spawn_ranks
 
 
 def commit(store, steps: int, state: dict | None = None) -> str:
@@ -106,6 +104,8 @@ class SlowStore(DirectoryCheckpointStore):
 
 
 def _rank_main(rank, world, port, cfg, ds, ckpt_dir, attempt, store_args, out):
+    """One rank of :func:`run_two`: rank 0's checkpoint store takes ``store_args``, the other's
+    stores without delay."""
     import datetime
 
     import torch
@@ -125,7 +125,8 @@ def _rank_main(rank, world, port, cfg, ds, ckpt_dir, attempt, store_args, out):
         train, val = rank_stores(ds, rank, world)
         plan = RankPlan(in_features=ds.x.shape[1], num_outputs=int(ds.y.max()) + 1,
                         train_shard_sizes=ds.shard_sizes(world), attempt=attempt)
-        ckpt = SlowStore(ckpt_dir, cfg.checkpoint.keep_last, **store_args)
+        ckpt = SlowStore(ckpt_dir, cfg.checkpoint.keep_last,
+                         **(store_args if rank == 0 else {"delay_s": 0.0}))
         t0 = time.monotonic()
         try:
             result = train_rank(cfg, plan, comm, train, val, torch.device("cpu"), NullSink(),
@@ -140,32 +141,8 @@ def _rank_main(rank, world, port, cfg, ds, ckpt_dir, attempt, store_args, out):
 
 def run_two(cfg, ds, ckpt_dir, store_args, attempt=0, timeout_s=240.0):
     """Both ranks of one attempt, rank 0 with ``store_args``; ``{rank: (status, payload)}``
-    (status ok, error, or died with the exit code). Payloads are small: joined before read."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main,
-                         args=(r, 2, port, cfg, ds, ckpt_dir, attempt,
-                               store_args if r == 0 else {"delay_s": 0.0}, out))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    results = {}
-    while True:
-        try:
-            rank, status, payload = out.get(timeout=1.0)
-        except queue.Empty:
-            break
-        results[rank] = (status, payload)
-    for r, p in enumerate(procs):
-        if p.is_alive():
-            p.kill()
-            p.join()
-        results.setdefault(r, ("died", p.exitcode))
-    return results
+    (status ok, error, or died with the exit code)."""
+    return spawn_ranks(_rank_main, 2, (cfg, ds, ckpt_dir, attempt, store_args), timeout_s)
 
 
 def job(epochs: int, timeout_s: float = 3.0) -> JobConfig:
