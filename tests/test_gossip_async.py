@@ -100,6 +100,29 @@ def test_driver_refuses_what_async_gossip_does_not_support_naming_the_setting():
         _async(**{"strategy.algorithm": "async"})
 
 
+def test_an_injected_fault_the_job_stepped_past_still_strikes(monkeypatch):
+    """An asynchronous rank sees the job's step jump (others stepped in between): with
+    ``reached`` it dies at the first step at or past the injected one; the barrier loop's exact
+    match stays exact, and another rank or attempt never dies."""
+    import os
+
+    from sparkml_dist.training.loop import _maybe_die
+
+    def exit_(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)  # the test process must outlive the "fault"
+    cfg = _async(**{"fault.inject": {"rank": 1, "step": 30}})
+    for step in (28, 29):
+        _maybe_die(cfg, 1, 0, step, reached=True)
+    for rank, attempt in ((0, 0), (1, 1)):
+        _maybe_die(cfg, rank, attempt, 31, reached=True)
+    _maybe_die(cfg, 1, 0, 31)  # exact match only
+    for step, reached in ((30, False), (30, True), (33, True)):
+        with pytest.raises(SystemExit, match="17"):
+            _maybe_die(cfg, 1, 0, step, reached=reached)
+
+
 # -- real gloo ranks ------------------------------------------------------------------------
 
 
