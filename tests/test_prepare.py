@@ -51,6 +51,8 @@ def test_stratified_split_and_shards_meet_one_row_bounds(spark, imbalanced):
     sizes = Counter(r[SHARD] for r in train)
     assert max(sizes.values()) - min(sizes.values()) <= 1
     assert tuple(sizes[r] for r in range(N)) == prepared.train_shard_sizes
+    val_sizes = Counter(r[SHARD] for r in rows if r[SPLIT] == 1)
+    assert tuple(val_sizes[r] for r in range(N)) == prepared.val_shard_sizes
     train_per_class = Counter(r[LABEL] for r in train)
     for c, n in train_per_class.items():
         for shard in range(N):
@@ -326,6 +328,11 @@ def test_assemble_counts_classes_keeps_columns_and_examples_are_real_rows(spark,
     ex = prepared.example_features  # the logged model's input example: real rows
     assert ex.shape == (5, 2) and ex.dtype == np.float32
     assert all(tuple(e) in source for e in ex)
+    # ... the first training rows by row number, so every run (and relaunch) logs the same ones
+    first = sorted(prepared.frame.where(F.col(SPLIT) == 0).where(F.col(ROW) < 5)
+                   .select(ROW, FEATURES).collect())
+    assert [r[ROW] for r in first] == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(ex, np.asarray([r[FEATURES] for r in first], np.float32))
     prepared.release()
     with pytest.raises(DataError, match=r"column 'zz' to keep not found"):
         assemble(spark, imbalanced, cfg, keep=("zz",))
@@ -353,3 +360,21 @@ def test_lookup_maps_give_the_literal_maps_values_and_types(spark):
     assert [(r.fast, r.s_fast) for r in rows] == [(r.ref, r.s_ref) for r in rows]
     assert rows[300].fast == 1 << 40 and rows[301].fast == -5 and rows[304].fast is None
     assert rows[1].s_fast == 1 << 35
+
+
+def test_a_rank_refuses_a_shard_whose_size_differs_from_the_dealt_one():
+    """The driver deals shard sizes without counting the stored rows; each rank checks what it
+    received, training and validation apart, before it trains on it."""
+    from sparkml_dist.spark.task import check_shard_sizes
+    from sparkml_dist.training.loop import RankPlan
+
+    plan = RankPlan(in_features=2, num_outputs=2, train_shard_sizes=(5, 4),
+                    val_shard_sizes=(2, 1))
+    check_shard_sizes(plan, (1,), 4, 1)  # what was dealt: nothing to say
+    with pytest.raises(RuntimeError, match=r"shard 1 received 3 training rows but 4 were dealt"):
+        check_shard_sizes(plan, (1,), 3, 1)
+    with pytest.raises(RuntimeError, match=r"shard 0 received 1 validation rows but 2 were dealt"):
+        check_shard_sizes(plan, (0,), 5, 1)
+    unplanned = RankPlan(in_features=2, num_outputs=2, train_shard_sizes=(5, 4))
+    check_shard_sizes(unplanned, (0,), 5, 7)  # validation sizes not dealt: not checked
+    check_shard_sizes(plan, (), 0, 0)  # a rank fed by its peers reads no shard

@@ -164,7 +164,7 @@ def run_attempts(prepared: PreparedData, cfg: JobConfig, run: JobRun,
     for attempt in range(first, last + 1):
         plan = RankPlan(in_features=prepared.in_features, num_outputs=prepared.num_outputs,
                         train_shard_sizes=prepared.train_shard_sizes, layout=prepared.layout,
-                        attempt=attempt)
+                        attempt=attempt, val_shard_sizes=prepared.val_shard_sizes)
         board = open_board(spark, cfg.backend.rendezvous, cfg.backend.rendezvous_timeout_s,
                            master)  # for this attempt only: closed when its stage ends
         spec = TaskSpec(config=cfg, plan=plan, run_id=run.run_id, tracking_uri=run.tracking_uri,

@@ -42,7 +42,7 @@ _GROUP = "__group"
 _POS = "__pos"
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType,
             T.DecimalType)
-_EXAMPLES = 5  # example rows for the logged model's signature (the first valid source rows)
+_EXAMPLES = 5  # example rows for the logged model's signature (the first rows by split and row)
 _MAX_CLASS_PARTITIONS = 64  # classes numbered in at most this many partitions (one each below)
 
 
@@ -436,6 +436,21 @@ def _persist(df: DataFrame) -> DataFrame:
     return df.persist(StorageLevel.DISK_ONLY)
 
 
+def _store(stored: DataFrame) -> list[list[float]]:
+    """Compute and store the persisted frame's blocks (the second and last pass over the
+    source); return the features of its first rows by (split, row number), at most
+    ``_EXAMPLES``: the logged model's input example, the same rows in every run.
+
+    Adaptive execution builds a cached relation as a stage of its own. The query on top of it
+    keeps only rows numbered below ``_EXAMPLES``, which each stored batch's statistics (its
+    smallest row number) rule out for almost every batch without decoding it: the job costs the
+    build, not a second scan. Shard sizes are not counted here: each rank checks the rows it
+    receives against the dealt sizes (:func:`sparkml_dist.spark.task.check_shard_sizes`)."""
+    rows = stored.where(F.col(ROW) < _EXAMPLES).select(FEATURES, ROW, SPLIT).collect()
+    rows.sort(key=lambda r: (r[SPLIT], r[ROW]))
+    return [r[FEATURES] for r in rows[:_EXAMPLES]]
+
+
 def _class_positions(spark: SparkSession, base: DataFrame, counts: dict[int, int]) -> DataFrame:
     """``base`` plus ``__pos``: each row's 0-based position within its class in (hash, features)
     order, the same numbers as ``row_number`` over a window partitioned by class.
@@ -483,8 +498,9 @@ def _number_stratified(spark: SparkSession, base: DataFrame, assembled: Assemble
     is_val = pos < q
     row = F.when(is_val, _lookup(group_offsets(quota), label) + pos).otherwise(
         _lookup(group_offsets(train), label) + pos - q)
-    numbered = (_class_positions(spark, base, counts)
-                .withColumn(SPLIT, is_val.cast("byte")).withColumn(ROW, row))
+    # One projection for both columns: each withColumn would analyse the whole plan again.
+    numbered = _class_positions(spark, base, counts).select(
+        "*", is_val.cast("byte").alias(SPLIT), row.alias(ROW))
     nonzero = lambda d: {k: v for k, v in d.items() if v}  # noqa: E731
     return numbered, sum(quota.values()), (nonzero(train), nonzero(quota))
 
@@ -538,8 +554,8 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
     _check_layout(layout)
     t0 = time.perf_counter()
     num_shards, world = layout.num_shards, layout.world_size
-    base = assembled.frame.select(FEATURES, LABEL).withColumn(
-        _HASH, F.xxhash64(F.lit(seed), F.col(FEATURES), F.col(LABEL)))
+    base = assembled.frame.select(FEATURES, LABEL, F.xxhash64(
+        F.lit(seed), F.col(FEATURES), F.col(LABEL)).alias(_HASH))
     persisted: list[DataFrame] = []
     try:
         if cfg.sharding == "stratified" and (cfg.val_fraction == 0 or cfg.split == "stratified"):
@@ -566,13 +582,7 @@ def split_and_shard(spark: SparkSession, assembled: Assembled, cfg: DataConfig,
         persisted.insert(0, stored)
         frame = stored.select(FEATURES, LABEL, ROW, shard.alias(SHARD), SPLIT)
         train_sizes, val_sizes = _deal(train_n, num_shards), _deal(val_n, num_shards)
-        cells = _counts(frame, SHARD, SPLIT)  # computes and stores the frame: the second pass
-        expected = {(s, sp): size for sp, sizes in ((0, train_sizes), (1, val_sizes))
-                    for s, size in enumerate(sizes) if size}
-        assert cells == expected, f"shard sizes {cells} differ from the dealt sizes {expected}"
-        # The first valid rows of the source (a few rows read, the same every run): the stored
-        # frame's first rows depend on the order its shuffle blocks arrived in.
-        examples = [r[0] for r in assembled.frame.select(FEATURES).limit(_EXAMPLES).collect()]
+        examples = _store(stored)
     except BaseException:
         for df in persisted:
             df.unpersist()

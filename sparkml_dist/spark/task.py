@@ -123,6 +123,24 @@ def _my_shards(builder, rank: int, kind: str):
     return next(iter(shards.values()))
 
 
+def check_shard_sizes(plan: RankPlan, shards: tuple[int, ...], train_rows: int,
+                      val_rows: int) -> None:
+    """Fail the rank if the one shard it reads does not hold the rows the driver dealt to it:
+    the steps per epoch, and every rank's share of them, were planned from those sizes."""
+    if len(shards) != 1:  # no shard (peers feed this rank) or several: nothing planned per rank
+        return
+    (shard,) = shards
+    want = [("training", plan.train_shard_sizes[shard], train_rows)]
+    if plan.val_shard_sizes is not None:
+        want.append(("validation", plan.val_shard_sizes[shard], val_rows))
+    for split, dealt, got in want:
+        if dealt != got:
+            raise RuntimeError(f"shard {shard} received {got} {split} rows but {dealt} were dealt "
+                               "to it; the prepared data changed between the driver's numbering "
+                               "and this read (a nondeterministic source, e.g. a table written "
+                               "during the job?). Rerun on a stable snapshot of the data.")
+
+
 def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     from sparkml_dist.comm.factory import create_communicator
     from sparkml_dist.data.shard_store import ShardBuilder
@@ -143,6 +161,7 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     builder.num_shards = layout.num_shards  # the batches carry no shard column
     train, val = _my_shards(builder.extend(batches), endpoint.rank, cfg.strategy.kind)
     feed_s = time.perf_counter() - t_feed
+    check_shard_sizes(spec.plan, builder.expected_shards, len(train), len(val))
     logging.getLogger(__name__).info("rank %d holds %d train and %d validation rows (%.1f MiB%s)",
                                      endpoint.rank, len(train), len(val),
                                      (train.arrow_nbytes + val.arrow_nbytes) / 2**20,

@@ -69,6 +69,8 @@ class RankPlan:
     layout: DataLayout | None = None
     """Which shards each rank reads (None: one per rank)."""
     attempt: int = 0
+    val_shard_sizes: tuple[int, ...] | None = None
+    """Validation rows per shard, where the driver dealt them (None: not checked)."""
 
     def data_layout(self) -> DataLayout:
         return self.layout or DataLayout.one_per_rank(len(self.train_shard_sizes))
