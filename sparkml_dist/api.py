@@ -260,6 +260,11 @@ def final_state(run_id: str, tracking_uri: str, steps_done: int | None = None
 
 def best_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
     """The model ``state_dict`` of a run's best epoch (``training.early_stopping.keep_best``)."""
+    return _best_checkpoint(run_id, tracking_uri)[0]
+
+
+def _best_checkpoint(run_id: str, tracking_uri: str) -> tuple[dict[str, Any], int]:
+    """The best epoch's model ``state_dict`` and the step it was saved at."""
     from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore
     from sparkml_dist.training.checkpoint import BEST_NAME, SHARED_PART, load_part
 
@@ -272,7 +277,7 @@ def best_state(run_id: str, tracking_uri: str) -> dict[str, Any]:
                           "epoch's validation improves.") from exc
     log.info("logging the model of the best epoch (%s at epoch %s)",
              meta.early_stopping.get("best"), meta.early_stopping.get("best_epoch"))
-    return load_part(store, BEST_NAME, meta, SHARED_PART)["model"]
+    return load_part(store, BEST_NAME, meta, SHARED_PART)["model"], meta.steps_done
 
 
 def _preprocess(prepared: Any, cfg: JobConfig) -> tuple[Any, Any]:
@@ -313,8 +318,10 @@ def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, preprocessing: Any
     model = build_model(cfg.model.factory, prepared.in_features, prepared.num_outputs,
                         cfg.model.kwargs)
     es = cfg.training.early_stopping
+    step = steps_done or 0
     if es is not None and es.keep_best:
-        model.load_state_dict(best_state(run.run_id, run.tracking_uri))
+        state, step = _best_checkpoint(run.run_id, run.tracking_uri)
+        model.load_state_dict(state)
     else:
         model.load_state_dict(final_state(run.run_id, run.tracking_uri, steps_done))
     # Rows collected by preparation's first pass: nothing here reads the data again.
@@ -324,7 +331,8 @@ def _log_final_model(cfg: JobConfig, prepared: Any, run: Any, preprocessing: Any
         model, example = preprocessing.wrap(model), preprocessing.example(example)
         metadata = preprocessing.model_metadata()
     return run.log_model(model, example, prepared.classes, cfg.tracking.registered_model_name,
-                         metadata, raw_columns=preprocessing.one_hot if preprocessing else None)
+                         metadata, raw_columns=preprocessing.one_hot if preprocessing else None,
+                         step=step)
 
 
 def _log_phase_times(run: Any, prepared: Any, prepare_s: float, finish_s: float) -> None:

@@ -163,3 +163,8 @@ def test_fit_stops_by_the_logged_history_and_logs_the_best_epochs_model(spark, d
     mlflow.set_tracking_uri(tracking_uri)
     got = np.asarray(mlflow.pyfunc.load_model(result.model_uri).predict(x))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # the best epoch's model
+    # ... and the logged model carries that epoch's validation, not the last one's
+    best_step = history[values.index(min(values))].step
+    model_id = result.model_uri.removeprefix("models:/").split("/")[0]
+    linked = {m.key: m for m in client.get_logged_model(model_id).metrics or []}
+    assert linked["val/loss"].step == best_step and linked["val/loss"].value == min(values)

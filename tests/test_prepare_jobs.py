@@ -61,7 +61,14 @@ def test_fit_reads_the_source_twice_and_nothing_after_training(spark, counted_so
         f"jobs {sorted(jobs - at_model_logging[0])} ran after training")
     # One aggregate pass, one pass to number and store the shards; nothing else touches it.
     assert acc.value == 2 * ROWS, f"the source was computed for {acc.value} rows ({ROWS} rows)"
-    metrics = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
+    client = MlflowClient(tracking_uri)
+    metrics = client.get_run(result.run_id).data.metrics
+    # The logged model carries the metrics of the step its weights are from: the last one.
+    steps = result.ranks[0]["steps_done"]
+    model_id = result.model_uri.removeprefix("models:/").split("/")[0]
+    linked = {m.key: m for m in client.get_logged_model(model_id).metrics or []}
+    assert linked["val/accuracy"].step == steps, (steps, linked)
+    assert linked["val/accuracy"].value == metrics["val/accuracy"]
     for key in ("time/prepare_s", "time/prepare_assemble_s", "time/prepare_shard_s",
                 "time/finish_s"):
         assert 0 < metrics[key] < 600, (key, metrics.get(key))

@@ -164,11 +164,14 @@ class JobRun:
 
     def log_model(self, model: Any, example: Any, classes: tuple[Any, ...],
                   registered_model_name: str | None,
-                  metadata: dict[str, str] | None = None, raw_columns: Any = None) -> str:
+                  metadata: dict[str, str] | None = None, raw_columns: Any = None,
+                  step: int = 0) -> str:
         """Log the final model with a signature and input example (and ``metadata`` next to the
         classes in its MLmodel); return its model URI. ``raw_columns`` (a
         :class:`~sparkml_dist.preprocessing.OneHotEncoding`): the model takes coded rows, and
-        its pyfunc raw rows by column name (:mod:`sparkml_dist.tracking.raw_rows`)."""
+        its pyfunc raw rows by column name (:mod:`sparkml_dist.tracking.raw_rows`). ``step``:
+        the training step the weights are from; MLflow links the run's metrics of that step
+        (the validation of the last or best epoch) to the logged model."""
         import torch
         from mlflow.models import infer_signature
 
@@ -182,7 +185,7 @@ class JobRun:
         mlflow.set_tracking_uri(self.tracking_uri)
         try:
             info = self._log_model_in_run(model, signature, example, classes, registered_model_name,
-                                          metadata or {}, raw_columns)
+                                          metadata or {}, raw_columns, step)
         finally:
             mlflow.set_tracking_uri(previous)
             if previous_env is None:
@@ -194,13 +197,14 @@ class JobRun:
 
     def _log_model_in_run(self, model: Any, signature: Any, example: Any,
                           classes: tuple[Any, ...], registered_model_name: str | None,
-                          metadata: dict[str, str], raw_columns: Any = None) -> Any:
+                          metadata: dict[str, str], raw_columns: Any = None,
+                          step: int = 0) -> Any:
         import mlflow.pytorch
         import torch
 
         kwargs = dict(
             signature=signature, input_example=example,
-            registered_model_name=registered_model_name,
+            registered_model_name=registered_model_name, step=step,
             # Named here rather than inferred: inference imports the model in a subprocess.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
             metadata={"classes": json.dumps([_plain(c) for c in classes]), **metadata})
