@@ -93,10 +93,13 @@ def _device(ctx, cfg: JobConfig):
 
 
 def _preimport() -> None:
-    """Import what building DDP pulls in (``torch._dynamo``, sympy...: about a second in a fresh
-    Python worker) while the rendezvous waits, so it is off the critical path."""
+    """Import what the rank needs only after its feed while the rendezvous waits and the shard
+    arrives, so a fresh Python worker (Spark starts one when the last one idled for a minute)
+    does not pay for it first: MLflow, for the checkpoint store and the metrics sink (about a
+    second), then what building DDP pulls in (``torch._dynamo``, sympy...: about a second)."""
     def work() -> None:
         try:
+            import sparkml_dist.tracking.mlflow_store  # noqa: F401
             import torch.nn.parallel.distributed  # noqa: F401
             import torch._dynamo  # noqa: F401
         except Exception:  # noqa: BLE001 - the real import later reports any problem
@@ -145,7 +148,6 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     from sparkml_dist.comm.factory import create_communicator
     from sparkml_dist.data.shard_store import ShardBuilder
     from sparkml_dist.spark.rendezvous import barrier_rendezvous
-    from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore, MlflowSink
     from sparkml_dist.training.loop import NullSink, train_rank
 
     cfg = spec.config
@@ -169,6 +171,10 @@ def _run_rank(ctx, spec: TaskSpec, batches: Iterator[pa.RecordBatch]) -> dict:
     device = _device(ctx, cfg)
     comm = create_communicator(cfg.backend, endpoint, store, device)
     try:
+        # Imported in the background since the rendezvous (:func:`_preimport`): this waits for
+        # that import to finish, or imports it here if it failed there.
+        from sparkml_dist.tracking.mlflow_store import MlflowCheckpointStore, MlflowSink
+
         ckpt = (MlflowCheckpointStore(spec.tracking_uri, spec.run_id, cfg.checkpoint.keep_last,
                                       upload_timeout_s=cfg.checkpoint.upload_timeout_s)
                 if cfg.checkpoint.enabled else None)
