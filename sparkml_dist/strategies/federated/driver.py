@@ -303,8 +303,9 @@ def _run(spark: Any, data: ClientData, cfg: JobConfig, fed: FederatedConfig,
         weights.load_flat(server.model, server.vec)
         example = np.asarray([r[0] for r in data.train.select(FEATURES).limit(5).collect()],
                              dtype=np.float32)
+        # Linked to the last round's metrics: they are logged at step ``rounds_done``.
         model_uri = run.log_model(server.model, example, data.classes,
-                                  cfg.tracking.registered_model_name)
+                                  cfg.tracking.registered_model_name, step=server.rounds_done)
     if server.ledger is not None:
         eps = server.ledger.epsilon()
     return {"metrics": final, "rounds": server.rounds_done, "epsilon": eps,
