@@ -26,7 +26,10 @@ machine barely moves. The issue's ratio counts the validation pass (model comput
 validation rows, which the peer never reads) as non-training time; ``non_train_non_val_over_peer``
 is the same ratio without it, reported beside it. ``other_s`` is what the phases leave out
 (pre-flight, MLflow run, barrier launch, rendezvous, validation, checkpoints). A warm-up round
-on 100,000 rows comes first. A size that fails is recorded as failed with its error.
+on 100,000 rows comes first. Before each timed fit, untimed, one barrier task per rank imports
+what a rank imports (:func:`warm_workers`), so every size is measured with live Python workers;
+its time is recorded as ``workers_warm_s`` (3-4 s where the workers had idled out, the cost a
+fit in fresh workers pays once). A size that fails is recorded as failed with its error.
 """
 
 from __future__ import annotations
@@ -230,6 +233,28 @@ def run_peer(spark, data: Path, tmp: Path, rep: int) -> dict[str, Any]:
             "spark_cpu_s": stages.cpu_s()}
 
 
+def warm_workers(spark, ranks: int = 2) -> float:
+    """Seconds for one barrier task per rank to import what a rank imports, untimed by the
+    round: every fit then starts with live Python workers that hold torch and MLflow.
+
+    Spark ends a Python worker idle for a minute (``PythonWorkerFactory``'s fixed
+    ``IDLE_WORKER_TIMEOUT_NS``), so without this a round's ranks start in fresh workers whenever
+    more than a minute passed since the last Python task: at 16M rows (the peer's 60 s plus
+    ``prepare``) but not at 1M or 4M. About 0.3 s (a barrier job) when the workers are alive,
+    the fresh workers' imports (3-4 s) when they are not."""
+    def imports(_rows):
+        import sparkml_dist.spark.task  # noqa: F401
+        import sparkml_dist.tracking.mlflow_store  # noqa: F401
+        import torch._dynamo  # noqa: F401
+        import torch.nn.parallel.distributed  # noqa: F401
+
+        yield 0
+
+    t0 = time.perf_counter()
+    spark.sparkContext.parallelize(range(ranks), ranks).barrier().mapPartitions(imports).collect()
+    return time.perf_counter() - t0
+
+
 def warm_up(spark, tmp: Path) -> None:
     """One unrecorded round on 100,000 rows: JVM, Python workers, MLflow's first store."""
     data = tmp / "data-warm-up"
@@ -246,8 +271,10 @@ def bench_size(spark, rows: int, reps: int, tmp: Path, jvm_pid: int) -> dict[str
     print(f"{rows:,} rows written in {time.perf_counter() - t0:.1f} s", flush=True)
     fits, peers, rss = [], [], []
     for rep in range(reps):
+        warm_s = warm_workers(spark)
         with RssSampler(jvm_pid) as sampler:
             f = run_fit(spark, data, tmp, rep)
+        f["workers_warm_s"] = warm_s
         rss.append(sampler.report())
         p = run_peer(spark, data, tmp, rep)
         fits.append(f)
@@ -256,11 +283,13 @@ def bench_size(spark, rows: int, reps: int, tmp: Path, jvm_pid: int) -> dict[str
               f"feed {f['feed_s'] or float('nan'):.1f}, train {f['train_s']:.1f}, finish "
               f"{f['finish_s']:.1f}), peer {p['wall_s']:.1f} s; non-train / peer "
               f"{f['non_train_s'] / p['wall_s']:.2f}; Spark CPU: prepare "
-              f"{f['prepare_cpu_s']:.1f} s, peer {p['spark_cpu_s']:.1f} s", flush=True)
+              f"{f['prepare_cpu_s']:.1f} s, peer {p['spark_cpu_s']:.1f} s; workers warmed "
+              f"in {warm_s:.2f} s before the fit", flush=True)
     shutil.rmtree(data, ignore_errors=True)
     keys = ("wall_s", "prepare_s", "prepare_assemble_s", "prepare_shard_s", "feed_s", "train_s",
             "finish_s", "other_s", "non_train_s", "validate_s", "non_train_non_val_s",
-            "store_create_s", "prepare_cpu_s", "train_loop_s", "non_train_loop_s")
+            "store_create_s", "prepare_cpu_s", "train_loop_s", "non_train_loop_s",
+            "workers_warm_s")
     stats = {k: summary([f[k] for f in fits if f[k] is not None]) for k in keys
              if any(f[k] is not None for f in fits)}
     peer = {k: summary([p[k] for p in peers]) for k in ("wall_s", "spark_s", "read_s",
