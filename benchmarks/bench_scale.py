@@ -243,11 +243,9 @@ def warm_workers(spark, ranks: int = 2) -> float:
     ``prepare``) but not at 1M or 4M. About 0.3 s (a barrier job) when the workers are alive,
     the fresh workers' imports (3-4 s) when they are not."""
     def imports(_rows):
-        import sparkml_dist.spark.task  # noqa: F401
-        import sparkml_dist.tracking.mlflow_store  # noqa: F401
-        import torch._dynamo  # noqa: F401
-        import torch.nn.parallel.distributed  # noqa: F401
+        from sparkml_dist.spark.task import preimport
 
+        preimport()
         yield 0
 
     t0 = time.perf_counter()

@@ -92,16 +92,22 @@ def _device(ctx, cfg: JobConfig):
     return torch.device("cuda", index)
 
 
+def preimport() -> None:
+    """Import what a rank needs only after its feed: MLflow, for the checkpoint store and the
+    metrics sink (about a second in a fresh Python worker), then what building DDP pulls in
+    (``torch._dynamo``, sympy...: about a second)."""
+    import sparkml_dist.tracking.mlflow_store  # noqa: F401
+    import torch.nn.parallel.distributed  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+
 def _preimport() -> None:
-    """Import what the rank needs only after its feed while the rendezvous waits and the shard
-    arrives, so a fresh Python worker (Spark starts one when the last one idled for a minute)
-    does not pay for it first: MLflow, for the checkpoint store and the metrics sink (about a
-    second), then what building DDP pulls in (``torch._dynamo``, sympy...: about a second)."""
+    """:func:`preimport` in the background while the rendezvous waits and the shard arrives, so
+    a fresh Python worker (Spark starts one when the last one idled for a minute) does not pay
+    for it first."""
     def work() -> None:
         try:
-            import sparkml_dist.tracking.mlflow_store  # noqa: F401
-            import torch.nn.parallel.distributed  # noqa: F401
-            import torch._dynamo  # noqa: F401
+            preimport()
         except Exception:  # noqa: BLE001 - the real import later reports any problem
             pass
 
