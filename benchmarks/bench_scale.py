@@ -30,6 +30,7 @@ on 100,000 rows comes first. Before each timed fit, untimed, one barrier task pe
 what a rank imports (:func:`warm_workers`), so every size is measured with live Python workers;
 its time is recorded as ``workers_warm_s`` (3-4 s where the workers had idled out, the cost a
 fit in fresh workers pays once). A size that fails is recorded as failed with its error.
+The record's ``goals`` checks the issue's goals on the medians (:func:`goals`).
 """
 
 from __future__ import annotations
@@ -304,6 +305,36 @@ def bench_size(spark, rows: int, reps: int, tmp: Path, jvm_pid: int) -> dict[str
             "peak_rss": rss, "runs": {"fit": fits, "peer": peers}}
 
 
+def goals(sizes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's three goals checked on this run's medians, beside the same figures for the
+    peer: (wall - train) / peer at 4M (goal <= 1.2), the slowest finish of any round (goal
+    <= 3 s), and the flatness of non-training microseconds per row from 1M up (max / min,
+    goal <= 1.2). ``marginal_us_per_row`` is the slope between consecutive sizes and
+    ``fixed_s`` the intercept of the line through the two smallest sizes from 1M, for fit and
+    peer alike: the fixed cost per fit that flatness from 1M has to stay under."""
+    ok = {s["rows"]: s for s in sizes if s["status"] == "ok"}
+    out: dict[str, Any] = {}
+    if 4_000_000 in ok:
+        r = ok[4_000_000]["non_train_over_peer"]["median"]
+        out["ratio_at_4m"] = {"value": r, "goal": 1.2, "met": r <= 1.2}
+    if ok:
+        worst = max(f["finish_s"] for s in ok.values() for f in s["runs"]["fit"])
+        out["finish_max_s"] = {"value": worst, "goal": 3.0, "met": worst <= 3.0}
+    big = sorted(n for n in ok if n >= 1_000_000)
+    if len(big) < 2:
+        return out
+    for side, key in (("fit", "non_train_s"), ("peer", "wall_s")):
+        secs = {n: ok[n][side][key]["median"] for n in big}
+        us = {n: secs[n] / n * 1e6 for n in big}
+        slope = {f"{a}-{b}": (secs[b] - secs[a]) / (b - a) * 1e6 for a, b in zip(big, big[1:])}
+        first = (secs[big[1]] - secs[big[0]]) / (big[1] - big[0])
+        flat = max(us.values()) / min(us.values())
+        out[f"{side}_us_per_row"] = {
+            "by_rows": us, "flatness": flat, "goal": 1.2, "met": flat <= 1.2,
+            "marginal_us_per_row": slope, "fixed_s": secs[big[0]] - first * big[0]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 4_000_000,
@@ -329,11 +360,11 @@ def main() -> None:
                 sizes.append({"rows": rows, "status": "failed",
                               "error": f"{type(exc).__name__}: {str(exc)[:4000]}"})
                 shutil.rmtree(tmp / f"data-{rows}", ignore_errors=True)
-            record = {"config": {"rows": args.rows, "width": WIDTH, "classes": CLASSES,
-                                 "ranks": 2, "reps": args.reps, "batch_size": 1024,
-                                 "epochs": 1, "driver_memory": args.driver_memory,
-                                 "shuffle_partitions": 8},
-                      "sizes": sizes}
+        record = {"config": {"rows": args.rows, "width": WIDTH, "classes": CLASSES,
+                             "ranks": 2, "reps": args.reps, "batch_size": 1024,
+                             "epochs": 1, "driver_memory": args.driver_memory,
+                             "shuffle_partitions": 8},
+                  "sizes": sizes, "goals": goals(sizes)}
         ok = [s for s in sizes if s["status"] == "ok"]
         for s in ok:
             print(f"{s['rows']:,}: fit {s['fit']['wall_s']['median']:.1f} s, non-train "
@@ -343,6 +374,16 @@ def main() -> None:
                   f"{s['peer']['wall_s']['median']:.1f} s, ratio "
                   f"{s['non_train_over_peer']['median']:.2f} (without the validation pass "
                   f"{s['non_train_non_val_over_peer']['median']:.2f})")
+        for name, g in record["goals"].items():
+            if name == "peer_us_per_row":
+                continue
+            line = (f"goal {name}: {g.get('flatness', g.get('value')):.2f} against {g['goal']}: "
+                    f"{'met' if g['met'] else 'not met'}")
+            if name == "fit_us_per_row":
+                peer = record["goals"]["peer_us_per_row"]
+                line += (f" (peer {peer['flatness']:.2f}); fixed cost {g['fixed_s']:.2f} s a run, "
+                         f"peer {peer['fixed_s']:.2f} s")
+            print(line)
         print(f"appended to {write_result('scale', record)}")
     finally:
         spark.stop()
