@@ -326,12 +326,13 @@ def goals(sizes: list[dict[str, Any]]) -> dict[str, Any]:
     for side, key in (("fit", "non_train_s"), ("peer", "wall_s")):
         secs = {n: ok[n][side][key]["median"] for n in big}
         us = {n: secs[n] / n * 1e6 for n in big}
-        slope = {f"{a}-{b}": (secs[b] - secs[a]) / (b - a) * 1e6 for a, b in zip(big, big[1:])}
-        first = (secs[big[1]] - secs[big[0]]) / (big[1] - big[0])
+        pairs = list(zip(big, big[1:]))
+        slopes = [(secs[b] - secs[a]) / (b - a) for a, b in pairs]  # seconds per row
         flat = max(us.values()) / min(us.values())
         out[f"{side}_us_per_row"] = {
             "by_rows": us, "flatness": flat, "goal": 1.2, "met": flat <= 1.2,
-            "marginal_us_per_row": slope, "fixed_s": secs[big[0]] - first * big[0]}
+            "marginal_us_per_row": {f"{a}-{b}": m * 1e6 for (a, b), m in zip(pairs, slopes)},
+            "fixed_s": secs[big[0]] - slopes[0] * big[0]}
     return out
 
 
